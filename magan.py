@@ -1,0 +1,1122 @@
+"""
+MAGAN: unsupervised image-to-image translation with multi-angle attention, in one file.
+
+Read top to bottom, this file is a tutorial of the paper. It follows the paper's order:
+
+    1. data                      (CycleGAN folder layout, augmentation of U-GAT-IT appendix B.2)
+    2. normalisation layers      (U-GAT-IT §2.1.1: AdaLIN and LIN)
+    3. multi-angle attention     (MAGAN §2.1, eq. 1-2: GMP + GAP + SAM)
+    4. generator                 (MAGAN §2.1, U-GAT-IT appendix Table 4)
+    5. discriminator             (MAGAN §2.2, eq. 3, U-GAT-IT Tables 5-6)
+    6. losses                    (MAGAN §2.3, eq. 4-8, U-GAT-IT §2.2)
+    7. training                  (MAGAN §3.3, U-GAT-IT appendix B.2)
+    8. translation               (apply a trained generator to a folder)
+    9. KID                       (MAGAN §3.5.1: the papers' evaluation metric)
+   10. benchmark and command line
+
+Where the paper is ambiguous we follow the project's reading (SPEC.md); each such choice is
+stated in a comment beside the code that makes it. Images live in [-1, 1] everywhere.
+
+    python magan.py train                         # trains on the small bundled dataset in data/
+    python magan.py train --a trainA --b trainB   # trains on your own folders
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import signal
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+from torch.nn.utils.parametrizations import spectral_norm
+
+
+class MaganError(Exception):
+    """A problem the user can fix (bad folder, missing weights, wrong checkpoint...).
+    The command line prints its message without a traceback."""
+
+
+# -------------------------------------------------------------------------------------------------
+# Configuration. Every default is the paper's (except `light`, see SPEC.md), and the command line
+# is generated from this dataclass: each field becomes a flag, `n_res` becomes `--n-res`.
+# -------------------------------------------------------------------------------------------------
+
+def opt(default, help, **argparse_kwargs):
+    """A config field with its help text (and optionally a `type=` validator or `choices=`)."""
+    return field(default=default, metadata=dict(help=help, **argparse_kwargs))
+
+
+@dataclass
+class Config:
+    # data and run folder
+    a: str = opt("data/trainA", "folder of domain-A training images (testA beside it is used for samples)")
+    b: str = opt("data/trainB", "folder of domain-B training images (testB beside it is used for samples)")
+    out: str = opt("runs/magan", "run folder: config.json, log.csv, samples/, checkpoints/")
+    size: int = opt(256, "image size S, a multiple of 32 (the paper: 256)", type="image_size")
+    # model (U-GAT-IT appendix Tables 4-6; MAGAN §2.1-2.2)
+    ch: int = opt(64, "base width of every network (the paper: 64)", type="positive_int")
+    n_res: int = opt(4, "residual blocks in the generator's encoder and decoder (the paper: 4)",
+                     type="positive_int")
+    light: bool = opt(True, "light mode: the gamma/beta MLP reads the global-average-pooled attention "
+                            "map (fits a 12 GB GPU at 256 px). --full is the paper's setting "
+                            "(flattened map, ~268M weights per generator at 256 px)")
+    attention: str = opt("ma", "attention: ma = GMP+GAP+SAM (MAGAN), cam = GMP+GAP (U-GAT-IT), "
+                               "sam = SAM only, none (MAGAN Table 4)", choices=("ma", "cam", "sam", "none"))
+    p_gen: float = opt(2.0, "SAM exponent p in the generators (MAGAN: 2; Table 5)", type="positive_float")
+    p_dis: float = opt(1.0, "SAM exponent p in the discriminators (MAGAN: 1; Table 5)", type="positive_float")
+    gan_loss: str = opt("lsgan", "adversarial loss: lsgan (U-GAT-IT's code) or bce (MAGAN's printed eq. 4)",
+                        choices=("lsgan", "bce"))
+    # loss weights (0 switches a term off)
+    w_adv: float = opt(1.0, "weight of the adversarial loss, eq. 4", type="weight")
+    w_cycle: float = opt(10.0, "weight of the pixel cycle L1 loss (U-GAT-IT)", type="weight")
+    w_identity: float = opt(10.0, "weight of the identity L1 loss (U-GAT-IT)", type="weight")
+    w_cam: float = opt(1000.0, "weight of the generator's category (CAM) loss, eq. 7", type="weight")
+    w_style: float = opt(1.0, "weight of the Gram style loss on VGG19 relu4_4, eq. 5", type="weight")
+    w_content: float = opt(1.0, "weight of the content loss on VGG19 relu5_4, eq. 6", type="weight")
+    vgg_weights: str = opt("imagenet", "VGG19 for the style/content losses: imagenet (torchvision, "
+                                       "downloaded once to the torch cache), PATH to a torchvision VGG19 "
+                                       "state dict, none (no perceptual losses), or random (offline smoke "
+                                       "runs only: NOT the paper)")
+    # optimisation (MAGAN §3.3)
+    iters: int = opt(1_000_000, "training iterations; the learning rate decays linearly to 0 over the "
+                                "second half", type="positive_int")
+    batch: int = opt(1, "batch size (the paper: 1)", type="positive_int")
+    lr: float = opt(1e-4, "Adam learning rate", type="positive_float")
+    beta1: float = opt(0.5, "Adam beta1", type="weight")
+    beta2: float = opt(0.999, "Adam beta2", type="weight")
+    weight_decay: float = opt(1e-4, "Adam weight decay", type="weight")
+    # machinery
+    device: str = opt("auto", "auto (CUDA when available), cpu, cuda or cuda:N", type="device_name")
+    seed: int = opt(0, "random seed: weights, data order and augmentation all follow from it", type=int)
+    fast: bool = opt(True, "on CUDA: bf16 autocast (norm statistics and losses in fp32), channels_last, "
+                           "fused Adam. Ignored on CPU")
+    compile: bool = opt(False, "torch.compile the six networks (slow start, see `bench`)")
+    workers: int = opt(4, "data-loading worker processes (0 = load in the main process)",
+                       type="nonneg_int")
+    log_every: int = opt(100, "print and log the losses every N iterations", type="positive_int")
+    sample_every: int = opt(1000, "write sample grids every N iterations", type="positive_int")
+    save_every: int = opt(1000, "write checkpoints/latest.pt every N iterations", type="positive_int")
+    snapshot_every: int = opt(100_000, "keep a copy checkpoints/iter_N.pt every N iterations",
+                              type="positive_int")
+    n_samples: int = opt(4, "test images per sample grid", type="positive_int")
+    resume: bool = opt(False, "continue the run in --out from checkpoints/latest.pt")
+
+
+# The fields that change the networks' shapes: a checkpoint only fits a model built with the same.
+ARCHITECTURE_FIELDS = ("size", "ch", "n_res", "light", "attention", "p_gen", "p_dis")
+
+
+# =================================================================================================
+# 1. Data: two unpaired folders (CycleGAN layout trainA/ trainB/ testA/ testB/)
+# =================================================================================================
+
+def load_rgb(path: Path, draft_size: int | None = None) -> Image.Image:
+    """Open any image Pillow reads and return it as 8-bit RGB. Raises OSError/ValueError if the
+    file is not a readable image (the caller decides whether to skip it)."""
+    with Image.open(path) as im:
+        if draft_size:
+            im.draft("RGB", (draft_size, draft_size))  # JPEG: decode a 4000x3000 photo at 1/8 scale
+        im.load()  # a truncated file fails here, not later inside a worker
+        if im.mode.startswith("I;16") or im.mode == "I":
+            im = im.point(lambda v: v / 256).convert("L")  # 16-bit grey: keep the top 8 bits
+        if im.mode in ("RGBA", "LA", "PA") or "transparency" in im.info:
+            # Composite transparent pixels on white instead of keeping whatever colour they hide.
+            im = im.convert("RGBA")
+            im = Image.alpha_composite(Image.new("RGBA", im.size, (255, 255, 255, 255)), im)
+        return im.convert("RGB")
+
+
+def to_tensor(im: Image.Image) -> torch.Tensor:
+    """PIL RGB -> (3, H, W) float tensor in [-1, 1]."""
+    x = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).view(im.height, im.width, 3)
+    return x.permute(2, 0, 1).float().div(127.5).sub(1.0)
+
+
+def list_images(folder: str | Path) -> list[Path]:
+    """Sorted image files of a folder. Files Pillow cannot identify (text, zero bytes, ...) are
+    reported once by name and skipped; a folder with no image at all is an error."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise MaganError(f"image folder {folder} does not exist (expected the CycleGAN layout "
+                         f"trainA/ trainB/ testA/ testB/; see data/README.md)")
+    good, bad = [], []
+    for path in sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")):
+        try:
+            with Image.open(path) as im:  # reads the header only: cheap even for 100k files
+                im.size
+            good.append(path)
+        except Exception as e:  # Pillow raises several types for non-images
+            bad.append(f"{path.name} ({type(e).__name__})")
+    if bad:
+        print(f"skipping {len(bad)} unreadable file(s) in {folder}: {', '.join(bad)}", flush=True)
+    if not good:
+        raise MaganError(f"no readable image in {folder}: put .jpg/.png images there")
+    return good
+
+
+def keyed_generator(*key) -> torch.Generator:
+    """A torch.Generator seeded by a hash of `key`: the randomness of iteration k is a pure
+    function of (seed, k), so a resumed run draws exactly what an uninterrupted one would."""
+    digest = hashlib.sha256(repr(key).encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
+
+
+class UnpairedImages(torch.utils.data.Dataset):
+    """Item k is the k-th training sample (x_a, x_b): each domain is walked in a fresh random
+    order every epoch, and each image gets a random horizontal flip (p=0.5), a resize to S+30
+    and a random SxS crop (U-GAT-IT appendix B.2). Files that fail to decode (a truncated JPEG,
+    say) are skipped: the next file is used and the name is returned so the trainer reports it."""
+
+    def __init__(self, folder_a, folder_b, size: int, seed: int):
+        self.files = (list_images(folder_a), list_images(folder_b))
+        self.size, self.seed = size, seed
+        for files in self.files:  # fail before training if no file of a domain decodes at all
+            self._first_readable(files)
+
+    def _first_readable(self, files, start=0):
+        skipped = []
+        for i in range(len(files)):
+            path = files[(start + i) % len(files)]
+            try:
+                return load_rgb(path, self.size + 30), skipped
+            except Exception as e:
+                skipped.append(f"{path} ({type(e).__name__}: {e})")
+        raise MaganError(f"no image in {files[0].parent} can be decoded:\n  " + "\n  ".join(skipped))
+
+    def _augment(self, im: Image.Image, g: torch.Generator) -> torch.Tensor:
+        big, S = self.size + 30, self.size
+        if torch.rand((), generator=g) < 0.5:
+            im = im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        im = im.resize((big, big), Image.Resampling.BILINEAR)
+        top, left = torch.randint(0, big - S + 1, (2,), generator=g).tolist()
+        return to_tensor(im.crop((left, top, left + S, top + S)))  # (3, S, S)
+
+    def __getitem__(self, k: int):
+        images, skipped = [], []
+        for domain, files in enumerate(self.files):
+            epoch, position = divmod(k, len(files))
+            order = torch.randperm(len(files), generator=keyed_generator(self.seed, domain, epoch))
+            im, bad = self._first_readable(files, int(order[position]))
+            images.append(self._augment(im, keyed_generator(self.seed, domain, "augment", k)))
+            skipped += bad
+        return images[0], images[1], skipped
+
+
+def collate_pairs(samples):
+    """Stack a list of (x_a, x_b, skipped) into (B, 3, S, S) batches and one list of skipped files."""
+    x_a = torch.stack([s[0] for s in samples])
+    x_b = torch.stack([s[1] for s in samples])
+    return x_a, x_b, [name for s in samples for name in s[2]]
+
+
+def ignore_sigint(_worker_id):
+    """Data workers leave Ctrl-C to the main process, which saves a checkpoint before exiting."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def fixed_images(folder: str | Path, n: int, size: int) -> torch.Tensor:
+    """The first n readable images of a folder, resized to SxS: the inputs of every sample grid."""
+    images = []
+    for path in list_images(folder):
+        try:
+            images.append(to_tensor(load_rgb(path, size).resize((size, size), Image.Resampling.BILINEAR)))
+        except Exception:
+            continue  # list_images already reported non-images; a truncated one is just passed over
+        if len(images) == n:
+            break
+    if not images:
+        raise MaganError(f"no image in {folder} can be decoded")
+    return torch.stack(images)  # (n, 3, S, S)
+
+
+def sample_folder(train_folder: str) -> Path:
+    """testA beside trainA (CycleGAN layout) if it exists, else the training folder itself."""
+    train = Path(train_folder)
+    if train.name.startswith("train"):
+        test = train.with_name("test" + train.name[len("train"):])
+        if test.is_dir():
+            return test
+    return train
+
+
+# =================================================================================================
+# 2. Normalisation layers (U-GAT-IT §2.1.1, eq. 1)
+#
+#   AdaLIN(a, γ, β) = γ · (ρ · â_I + (1 − ρ) · â_L) + β
+#   â_I = (a − μ_I) / sqrt(σ_I² + ε)      per sample and channel, over (H, W)      (instance norm)
+#   â_L = (a − μ_L) / sqrt(σ_L² + ε)      per sample, over (C, H, W)               (layer norm)
+#
+# ρ, learnt per channel and clipped to [0, 1], chooses between the two. Instance norm keeps the
+# content's local statistics, layer norm lets the style change globally; letting the network mix
+# them is what lets U-GAT-IT change shapes (selfie -> anime) and not only textures.
+# Statistics are computed in fp32 even when the rest of the network runs in bf16.
+# =================================================================================================
+
+def layer_instance_norm(x: torch.Tensor, rho: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """ρ · â_I + (1 − ρ) · â_L with biased variances (as nn.InstanceNorm2d / nn.LayerNorm use)."""
+    x = x.float()
+    var_i, mean_i = torch.var_mean(x, dim=(2, 3), keepdim=True, correction=0)     # (B, C, 1, 1)
+    var_l, mean_l = torch.var_mean(x, dim=(1, 2, 3), keepdim=True, correction=0)  # (B, 1, 1, 1)
+    x_i = (x - mean_i) * torch.rsqrt(var_i + eps)
+    x_l = (x - mean_l) * torch.rsqrt(var_l + eps)
+    return rho * x_i + (1 - rho) * x_l
+
+
+class AdaLIN(nn.Module):
+    """Adaptive layer-instance norm: γ and β come from the attention features (one per sample).
+    ρ starts at 0.9 (U-GAT-IT's code; its text says "close to 1"): instance norm dominates early."""
+
+    def __init__(self, channels: int, rho_init: float = 0.9):
+        super().__init__()
+        self.rho = nn.Parameter(torch.full((1, channels, 1, 1), rho_init))
+
+    def forward(self, x, gamma, beta):  # x: (B, C, H, W); gamma, beta: (B, C)
+        return layer_instance_norm(x, self.rho) * gamma[:, :, None, None] + beta[:, :, None, None]
+
+
+class LIN(nn.Module):
+    """Layer-instance norm of the up-sampling blocks: the same mix with learnt γ, β.
+    ρ starts at 0 (layer norm), as U-GAT-IT's code does."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.rho = nn.Parameter(torch.zeros(1, channels, 1, 1))
+        self.gamma = nn.Parameter(torch.ones(1, channels, 1, 1))
+        self.beta = nn.Parameter(torch.zeros(1, channels, 1, 1))
+
+    def forward(self, x):
+        return layer_instance_norm(x, self.rho) * self.gamma + self.beta
+
+
+@torch.no_grad()
+def clip_rho(network: nn.Module):
+    """Keep every ρ in [0, 1] after each optimizer step: outside it AdaLIN would extrapolate past
+    pure instance or pure layer norm, and the mix would stop meaning anything."""
+    for m in network.modules():
+        if isinstance(m, (AdaLIN, LIN)):
+            m.rho.clamp_(0.0, 1.0)
+
+
+class InstanceNorm(nn.InstanceNorm2d):
+    """nn.InstanceNorm2d (no affine, like U-GAT-IT's encoder) with fp32 statistics under autocast."""
+
+    def forward(self, x):
+        return super().forward(x.float())
+
+
+# =================================================================================================
+# 3. Multi-angle attention Γ (MAGAN §2.1, Fig. 3, eq. 1-2)
+#
+# Three "angles" look at the encoder's feature map θ: (B, C, h, w) and each trains a one-unit
+# classifier "is this the source domain?". The classifier's weights then say which channels
+# (GAP, GMP) or which positions (SAM) matter, and re-weight θ:
+#
+#   GAP:  β_n = mean_ij θ_n^ij      ξ_β = Σ_n ω_β^n · β_n        a_β = ω_β ⊙ θ   (per channel)
+#   GMP:  α_n = max_ij θ_n^ij       ξ_α = Σ_n ω_α^n · α_n        a_α = ω_α ⊙ θ   (per channel)
+#   SAM:  γ   = Σ_n |θ_n|^p         ξ_γ = Σ_m ω_γ^m · γ_m        a_γ = ω_γ ⊙ θ   (per position m)
+#
+#   Γ(x) = Concat(ξ_β, ξ_α, ξ_γ)                        eq. (1): three class logits, (B, 3)
+#   a(x) = ReLU(Conv1x1(Concat(a_β, a_α, a_γ)))         eq. (2): attention feature map, (B, C, h, w)
+#
+# GAP + GMP is U-GAT-IT's CAM; SAM is MAGAN's addition: γ sums the channels' activation energy at
+# each position (p=2 in G favours the most active regions; p=1 in D spreads attention, §2.2).
+# =================================================================================================
+
+class MultiAngleAttention(nn.Module):
+    """Returns (attention feature map a (B, C, h, w), class logits (B, n_angles), heatmap (B, 1, h, w)).
+
+    `grid` is the training-time side h = w of θ: SAM's classifier has one weight per position.
+    `angles`: "ma" (GAP, GMP, SAM), "cam" (GAP, GMP), "sam", or "none" (θ passes straight to the
+    1x1 conv and there are no class logits): the ablations of MAGAN Table 4."""
+
+    ANGLES = {"ma": ("gap", "gmp", "sam"), "cam": ("gap", "gmp"), "sam": ("sam",), "none": ()}
+
+    def __init__(self, channels: int, grid: int, angles: str = "ma", p: float = 2.0,
+                 spectral: bool = False, leaky: bool = False):
+        super().__init__()
+        maybe_sn = spectral_norm if spectral else (lambda m: m)
+        n_inputs = {"gap": channels, "gmp": channels, "sam": grid * grid}
+        self.fc = nn.ModuleDict({name: maybe_sn(nn.Linear(n_inputs[name], 1, bias=False))
+                                 for name in self.ANGLES[angles]})
+        self.grid, self.p = grid, p
+        n_maps = max(1, len(self.fc))
+        self.conv1x1 = maybe_sn(nn.Conv2d(n_maps * channels, channels, 1))
+        self.act = nn.LeakyReLU(0.2) if leaky else nn.ReLU()
+
+    def sam_weight_map(self, h: int, w: int) -> torch.Tensor:
+        """SAM's classifier weights ω_γ as a (h, w) map. Its classifier is tied to the training
+        grid; on another grid (translating at another size) the map is resized bilinearly."""
+        weight = self.fc["sam"].weight.view(1, 1, self.grid, self.grid)
+        if (h, w) != (self.grid, self.grid):
+            weight = F.interpolate(weight, size=(h, w), mode="bilinear", align_corners=False)
+        return weight.view(h, w)
+
+    def forward(self, theta):  # theta: (B, C, h, w)
+        B, C, h, w = theta.shape
+        logits, maps = [], []
+        # Read each `fc.weight` once: under spectral norm that is the *normalised* weight, the one
+        # that produced the logit, and every read runs a power iteration.
+        if "gap" in self.fc:
+            weight = self.fc["gap"].weight                         # ω_β: (1, C)
+            logits.append(theta.mean(dim=(2, 3)) @ weight.t())     # ξ_β: (B, C) @ (C, 1) -> (B, 1)
+            maps.append(theta * weight.view(1, C, 1, 1))           # a_β: (B, C, h, w)
+        if "gmp" in self.fc:
+            weight = self.fc["gmp"].weight                         # ω_α: (1, C)
+            logits.append(theta.amax(dim=(2, 3)) @ weight.t())     # ξ_α: (B, 1)
+            maps.append(theta * weight.view(1, C, 1, 1))           # a_α: (B, C, h, w)
+        if "sam" in self.fc:
+            gamma = theta.float().abs().pow(self.p).sum(dim=1)     # γ = Σ_n |θ_n|^p: (B, h, w)
+            # Choice: γ is scaled to unit L2 norm per sample (as in activation-based attention
+            # transfer). Raw γ grows like |θ|^p times C and would swamp the other two logits.
+            gamma = F.normalize(gamma.flatten(1), dim=1)           # (B, h*w)
+            weight = self.sam_weight_map(h, w)                     # ω_γ: (h, w)
+            logits.append(gamma @ weight.reshape(-1, 1).to(gamma.dtype))  # ξ_γ: (B, 1)
+            maps.append(theta * weight.to(theta.dtype))            # a_γ: (B, C, h, w)
+        if not maps:
+            maps = [theta]                                         # attention "none"
+        a = self.act(self.conv1x1(torch.cat(maps, dim=1)))         # (B, n*C, h, w) -> (B, C, h, w)
+        heatmap = a.sum(dim=1, keepdim=True)                       # (B, 1, h, w)
+        logits = torch.cat(logits, dim=1) if logits else theta.new_zeros(B, 0)  # Γ(x): (B, n_angles)
+        return a, logits, heatmap
+
+
+# =================================================================================================
+# 4. Generator (MAGAN §2.1 and Fig. 2(b); layer table: U-GAT-IT appendix Table 4)
+#
+#   x -> encoder E -> θ -> multi-angle attention -> a(x) -> MLP -> (γ, β)
+#                                                  a(x) -> AdaLIN residual blocks(γ, β) -> up-sampling -> y
+# =================================================================================================
+
+class ResBlock(nn.Module):
+    """Encoder residual block: (pad, 3x3 conv, instance norm, ReLU) x 2 with a skip connection."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.ReflectionPad2d(1), nn.Conv2d(channels, channels, 3, bias=False), InstanceNorm(channels), nn.ReLU(),
+            nn.ReflectionPad2d(1), nn.Conv2d(channels, channels, 3, bias=False), InstanceNorm(channels))
+
+    def forward(self, x):
+        return x + self.body(x)
+
+
+class AdaLINResBlock(nn.Module):
+    """Decoder residual block: the same, with AdaLIN(γ, β) in place of instance norm."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv1 = nn.Sequential(nn.ReflectionPad2d(1), nn.Conv2d(channels, channels, 3, bias=False))
+        self.norm1 = AdaLIN(channels)
+        self.conv2 = nn.Sequential(nn.ReflectionPad2d(1), nn.Conv2d(channels, channels, 3, bias=False))
+        self.norm2 = AdaLIN(channels)
+
+    def forward(self, x, gamma, beta):
+        h = F.relu(self.norm1(self.conv1(x), gamma, beta))
+        return x + self.norm2(self.conv2(h), gamma, beta)
+
+
+class Generator(nn.Module):
+    """G: (B, 3, S, S) -> (translated image (B, 3, S, S), class logits (B, n_angles), heatmap (B, 1, S/4, S/4))."""
+
+    def __init__(self, ch: int = 64, n_res: int = 4, size: int = 256, light: bool = True,
+                 attention: str = "ma", p: float = 2.0):
+        super().__init__()
+        C, grid = 4 * ch, size // 4
+        # Encoder E: 7x7 conv, two stride-2 3x3 convs, n_res residual blocks.
+        layers = [nn.ReflectionPad2d(3), nn.Conv2d(3, ch, 7, bias=False), InstanceNorm(ch), nn.ReLU()]
+        for i in range(2):
+            layers += [nn.ReflectionPad2d(1), nn.Conv2d(ch * 2**i, ch * 2**(i + 1), 3, stride=2, bias=False),
+                       InstanceNorm(ch * 2**(i + 1)), nn.ReLU()]
+        layers += [ResBlock(C) for _ in range(n_res)]
+        self.encoder = nn.Sequential(*layers)
+        self.attention = MultiAngleAttention(C, grid, attention, p)
+        # γ, β MLP. Full mode reads the whole (C, S/4, S/4) map: C·(S/4)²·C weights in its first
+        # layer (268M at S=256, ch=64). Light mode reads its global average: C·C weights.
+        self.light = light
+        self.mlp = nn.Sequential(nn.Linear(C if light else C * grid * grid, C, bias=False), nn.ReLU(),
+                                 nn.Linear(C, C, bias=False), nn.ReLU())
+        self.to_gamma = nn.Linear(C, C, bias=False)
+        self.to_beta = nn.Linear(C, C, bias=False)
+        self.res_blocks = nn.ModuleList(AdaLINResBlock(C) for _ in range(n_res))
+        # Up-sampling: nearest x2, 3x3 conv, LIN, ReLU (twice), then 7x7 conv and tanh to [-1, 1].
+        layers = []
+        for i in range(2):
+            c = C // 2**i
+            layers += [nn.Upsample(scale_factor=2, mode="nearest"), nn.ReflectionPad2d(1),
+                       nn.Conv2d(c, c // 2, 3, bias=False), LIN(c // 2), nn.ReLU()]
+        layers += [nn.ReflectionPad2d(3), nn.Conv2d(ch, 3, 7, bias=False), nn.Tanh()]
+        self.decoder = nn.Sequential(*layers)
+
+    def forward(self, x):                                # x: (B, 3, S, S)
+        theta = self.encoder(x)                          # θ: (B, C, S/4, S/4)
+        a, logits, heatmap = self.attention(theta)       # a: (B, C, S/4, S/4), logits: (B, n_angles)
+        style = a.mean(dim=(2, 3)) if self.light else a.flatten(1)  # (B, C) or (B, C·(S/4)²)
+        style = self.mlp(style)                          # (B, C)
+        gamma, beta = self.to_gamma(style), self.to_beta(style)  # (B, C) each
+        h = a
+        for block in self.res_blocks:
+            h = block(h, gamma, beta)                    # (B, C, S/4, S/4)
+        return self.decoder(h), logits, heatmap          # (B, 3, S, S)
+
+
+# =================================================================================================
+# 5. Discriminator (MAGAN §2.2, eq. 3; U-GAT-IT appendix Tables 5-6)
+#
+#   Φ(z) = Conv(a_D(z))                                  eq. (3): a patch map of real/fake logits
+#
+# Per domain a global discriminator (down to S/32, widths ch..32ch) and a local one (down to S/8,
+# widths ch..8ch), as U-GAT-IT; each with the same multi-angle attention (p = 1). Every weight is
+# spectrally normalised, which bounds D's Lipschitz constant and keeps the LSGAN game stable.
+# The sigmoid σ of eq. 3 is left to the loss (LSGAN uses the raw logits, as U-GAT-IT's code).
+# =================================================================================================
+
+def global_depth(size: int) -> int:
+    """Stride-2 convs of the global discriminator: 5 (to S/32) as in U-GAT-IT, but never below a
+    4x4 grid, so that S = 32 and 64 still leave room for the two stride-1 4x4 convs."""
+    return min(5, int(math.log2(size)) - 2)
+
+
+class Discriminator(nn.Module):
+    """D: (B, 3, S, S) -> (patch logits (B, 1, h-1, w-1), class logits (B, n_angles), heatmap (B, 1, h, w)),
+    with h = S / 2^n_down - 1 the attention grid."""
+
+    def __init__(self, ch: int = 64, n_down: int = 5, size: int = 256, attention: str = "ma", p: float = 1.0):
+        super().__init__()
+        layers = [nn.ReflectionPad2d(1), spectral_norm(nn.Conv2d(3, ch, 4, stride=2)), nn.LeakyReLU(0.2)]
+        for i in range(1, n_down):
+            layers += [nn.ReflectionPad2d(1), spectral_norm(nn.Conv2d(ch * 2**(i - 1), ch * 2**i, 4, stride=2)),
+                       nn.LeakyReLU(0.2)]
+        C = ch * 2**n_down
+        layers += [nn.ReflectionPad2d(1), spectral_norm(nn.Conv2d(C // 2, C, 4, stride=1)), nn.LeakyReLU(0.2)]
+        self.encoder = nn.Sequential(*layers)
+        grid = size // 2**n_down - 1
+        self.attention = MultiAngleAttention(C, grid, attention, p, spectral=True, leaky=True)
+        self.classifier = nn.Sequential(nn.ReflectionPad2d(1), spectral_norm(nn.Conv2d(C, 1, 4, bias=False)))
+
+    def forward(self, x):                                # x: (B, 3, S, S)
+        theta = self.encoder(x)                          # (B, C, S/2^n - 1, S/2^n - 1)
+        a, logits, heatmap = self.attention(theta)
+        return self.classifier(a), logits, heatmap       # Φ(z): (B, 1, S/2^n - 2, S/2^n - 2)
+
+
+class MAGAN(nn.Module):
+    """The six networks of one run: two generators and, per domain, a global and a local D."""
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        def G():
+            return Generator(cfg.ch, cfg.n_res, cfg.size, cfg.light, cfg.attention, cfg.p_gen)
+        def D(n_down):
+            return Discriminator(cfg.ch, n_down, cfg.size, cfg.attention, cfg.p_dis)
+        self.G_ab, self.G_ba = G(), G()
+        self.D_ga, self.D_gb = D(global_depth(cfg.size)), D(global_depth(cfg.size))  # global, domains A/B
+        self.D_la, self.D_lb = D(3), D(3)                                            # local, domains A/B
+
+    def generators(self):
+        return [self.G_ab, self.G_ba]
+
+    def discriminators(self):
+        return [self.D_ga, self.D_gb, self.D_la, self.D_lb]
+
+
+# =================================================================================================
+# 6. Losses (MAGAN §2.3, eq. 4-8; U-GAT-IT §2.2)
+# =================================================================================================
+
+def adversarial_loss(logits: torch.Tensor, is_real: bool, kind: str = "lsgan") -> torch.Tensor:
+    """Eq. (4). MAGAN prints the log-likelihood (BCE) form; U-GAT-IT's code, which MAGAN builds on,
+    uses least squares: E[(D(y) − 1)²] + E[D(G(x))²]. LSGAN's gradient does not vanish for fakes
+    that D already rejects confidently, which keeps the generator learning: it is our default."""
+    if logits.numel() == 0:  # attention "none" has no class logits
+        return logits.new_zeros(())
+    logits = logits.float()
+    target = torch.ones_like(logits) if is_real else torch.zeros_like(logits)
+    if kind == "lsgan":
+        return F.mse_loss(logits, target)
+    return F.binary_cross_entropy_with_logits(logits, target)
+
+
+def cam_loss(logits_source: torch.Tensor, logits_target: torch.Tensor) -> torch.Tensor:
+    """Eq. (7), generator side, read as U-GAT-IT eq. 5: G_ab's attention classifier must say
+    "source domain" (1) on the images it translates (x_a) and "not source" (0) on the target-domain
+    images it only has to reproduce (x_b in the identity pass). BCE on the logits."""
+    if logits_source.numel() == 0:
+        return logits_source.new_zeros(())
+    return (F.binary_cross_entropy_with_logits(logits_source.float(), torch.ones_like(logits_source.float()))
+            + F.binary_cross_entropy_with_logits(logits_target.float(), torch.zeros_like(logits_target.float())))
+
+
+def gram_matrix(features: torch.Tensor) -> torch.Tensor:
+    """M = F Fᵀ / (C·H·W) for features F: (B, C, H·W). Always in fp32: a bf16 Gram loses the
+    small differences the style loss measures."""
+    with torch.autocast(device_type=features.device.type, enabled=False):
+        B, C, H, W = features.shape
+        f = features.float().reshape(B, C, H * W)              # (B, C, H·W)
+        return f @ f.transpose(1, 2) / (C * H * W)             # (B, C, C)
+
+
+def style_loss(features_fake: torch.Tensor, features_real: torch.Tensor) -> torch.Tensor:
+    """Eq. (5): L_style = || M(φ4(G(x))) − M(φ4(y)) ||_1 with φ4 = VGG19 relu4_4 and y a real image
+    of the target domain (we use the x_b of the same iteration). Mean absolute difference."""
+    return F.l1_loss(gram_matrix(features_fake), gram_matrix(features_real))
+
+
+def content_loss(features_reconstruction: torch.Tensor, features_input: torch.Tensor) -> torch.Tensor:
+    """Eq. (6): L_rec = || φ5(G_ba(G_ab(x))) − φ5(x) ||_1 with φ5 = VGG19 relu5_4. Mean absolute difference."""
+    return F.l1_loss(features_reconstruction.float(), features_input.float())
+
+
+VGG19_LAYERS = [64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M", 512, 512, 512, 512]
+
+
+def vgg19_features() -> nn.Sequential:
+    """VGG19's convolutional part up to relu5_4, with torchvision's layer indices (so torchvision's
+    `features.N.*` weights load into it): relu4_4 is layer 26, relu5_4 layer 35."""
+    layers, c_in = [], 3
+    for v in VGG19_LAYERS:
+        if v == "M":
+            layers.append(nn.MaxPool2d(2, 2))
+        else:
+            layers += [nn.Conv2d(c_in, v, 3, padding=1), nn.ReLU(inplace=True)]
+            c_in = v
+    return nn.Sequential(*layers)
+
+
+class VGGFeatures(nn.Module):
+    """Frozen VGG19 that maps images in [-1, 1] to (relu4_4, relu5_4) features. It only scores
+    images: its parameters never get gradients and it always stays in eval mode."""
+
+    def __init__(self, features: nn.Sequential):
+        super().__init__()
+        self.to_relu4_4 = features[:27]    # (B, 512, S/8, S/8)
+        self.to_relu5_4 = features[27:36]  # (B, 512, S/16, S/16)
+        self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1))
+        self.requires_grad_(False)
+        self.eval()
+
+    def train(self, mode: bool = True):
+        return super().train(False)
+
+    def forward(self, x):
+        x = ((x + 1) / 2 - self.mean) / self.std  # [-1, 1] -> ImageNet normalisation
+        relu4_4 = self.to_relu4_4(x)
+        return relu4_4, self.to_relu5_4(relu4_4)
+
+
+VGG19_URL = "https://download.pytorch.org/models/vgg19-dcbb9e9d.pth"  # torchvision's VGG19_Weights.IMAGENET1K_V1
+
+VGG_HELP = """The style and content losses (eq. 5-6) need VGG19 ImageNet weights, and they could not be
+loaded ({reason}). Fixes:
+  * on a machine with internet, run once so torchvision downloads them to {cache}
+  * --vgg-weights PATH    a torchvision VGG19 state dict (vgg19-dcbb9e9d.pth) you copied here
+  * --vgg-weights none    train without the perceptual losses (U-GAT-IT's objective)
+  * --vgg-weights random  random VGG features: offline smoke runs only, NOT the paper"""
+
+
+def load_vgg(spec: str) -> VGGFeatures | None:
+    """`spec`: imagenet | PATH | none | random (see the --vgg-weights help)."""
+    if spec == "none":
+        return None
+    features = vgg19_features()
+    if spec == "random":
+        return VGGFeatures(features)
+    cache = Path(torch.hub.get_dir()) / "checkpoints"
+    try:
+        if spec == "imagenet":
+            state = torch.hub.load_state_dict_from_url(VGG19_URL, map_location="cpu", weights_only=True)
+        else:
+            state = torch.load(spec, map_location="cpu", weights_only=True)
+        if any(k.startswith("features.") for k in state):  # a whole torchvision VGG19
+            state = {k[len("features."):]: v for k, v in state.items() if k.startswith("features.")}
+        features.load_state_dict(state)
+    except Exception as e:
+        raise MaganError(VGG_HELP.format(reason=f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
+                                         cache=cache)) from None
+    return VGGFeatures(features)
+
+
+# =================================================================================================
+# 7. Training (MAGAN §3.3; U-GAT-IT appendix B.2)
+#
+#   L_G = λ_adv L_adv + λ_cycle L_cycle + λ_id L_identity + λ_cam L_cam + λ_style L_style + λ_content L_rec
+#   L_D = λ_adv L_adv (real -> 1, fake -> 0, on patch and class logits of both Ds)   eq. (8)
+#
+# With λ_cam = 1000 the generator loss starts around 1e3: the CAM BCE is ~1.4 at initialisation.
+# That is expected, not divergence; it falls quickly once the attention classifiers learn.
+# =================================================================================================
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise MaganError(f"--device {name}: this PyTorch sees no CUDA GPU (use --device cpu or auto)")
+    return torch.device(name)
+
+
+def make_optimizers(nets: MAGAN, cfg: Config, device: torch.device):
+    """Adam(lr, betas=(0.5, 0.999), weight_decay=1e-4) for the two generators and the four Ds.
+    On CUDA the fused kernel updates all parameters in a few launches instead of one per tensor."""
+    fused = device.type == "cuda" and cfg.fast
+    def adam(networks):
+        params = [p for net in networks for p in net.parameters()]
+        return torch.optim.Adam(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                                weight_decay=cfg.weight_decay, fused=fused or None)
+    return adam(nets.generators()), adam(nets.discriminators())
+
+
+def learning_rate(iteration: int, cfg: Config) -> float:
+    """Constant for the first half, then linear decay to 0, computed from the iteration number
+    (not by repeated subtraction, so a resumed run gets exactly the same value)."""
+    half = cfg.iters // 2
+    if iteration < half:
+        return cfg.lr
+    return cfg.lr * (cfg.iters - iteration) / (cfg.iters - half)
+
+
+def train_step(nets: MAGAN, vgg: VGGFeatures | None, opt_G, opt_D, x_a, x_b, cfg: Config,
+               autocast=nullcontext()) -> dict[str, torch.Tensor]:
+    """One iteration: a discriminator step on detached fakes, a generator step, then ρ clipping.
+    Returns each loss term as a 0-d tensor (no .item(): the GPU is never made to wait)."""
+    B = x_a.shape[0]
+    G_ab, G_ba = nets.G_ab, nets.G_ba
+    with autocast:
+        # Each generator sees its source image and, for the identity loss, a target-domain image
+        # in one batch (instance/layer norm are per sample, so batching changes nothing).
+        out_ab, cam_ab, _ = G_ab(torch.cat([x_a, x_b]))       # (2B, 3, S, S), (2B, n_angles)
+        out_ba, cam_ba, _ = G_ba(torch.cat([x_b, x_a]))
+    fake_ab, identity_b = out_ab[:B], out_ab[B:]
+    fake_ba, identity_a = out_ba[:B], out_ba[B:]
+
+    # --- Discriminator step. The fakes are detached: D's loss must not push gradients into G
+    # (that would train G to help D), and it saves the backward pass through both generators.
+    for D in nets.discriminators():
+        D.requires_grad_(True)
+    d_loss = torch.zeros((), device=x_a.device)
+    with autocast:
+        for D, real, fake in ((nets.D_ga, x_a, fake_ba), (nets.D_la, x_a, fake_ba),
+                              (nets.D_gb, x_b, fake_ab), (nets.D_lb, x_b, fake_ab)):
+            patch, cls, _ = D(torch.cat([real, fake.detach()]))  # one pass for real and fake
+            d_loss = d_loss + (adversarial_loss(patch[:B], True, cfg.gan_loss)
+                               + adversarial_loss(patch[B:], False, cfg.gan_loss)
+                               + adversarial_loss(cls[:B], True, cfg.gan_loss)
+                               + adversarial_loss(cls[B:], False, cfg.gan_loss))
+    d_loss = cfg.w_adv * d_loss
+    opt_D.zero_grad(set_to_none=True)
+    d_loss.backward()
+    opt_D.step()
+
+    # --- Generator step. D's weights are frozen (no parameter gradients to compute), but the
+    # gradient still flows through D into the fakes.
+    for D in nets.discriminators():
+        D.requires_grad_(False)
+    zero = torch.zeros((), device=x_a.device)
+    terms = dict(adv=zero, cycle=zero, identity=zero, cam=zero, style=zero, content=zero)
+    with autocast:
+        reconstruction_a = G_ba(fake_ab)[0]                   # x_a -> b -> a
+        reconstruction_b = G_ab(fake_ba)[0]
+        for D, fake in ((nets.D_gb, fake_ab), (nets.D_lb, fake_ab), (nets.D_ga, fake_ba), (nets.D_la, fake_ba)):
+            patch, cls, _ = D(fake)
+            terms["adv"] = terms["adv"] + adversarial_loss(patch, True, cfg.gan_loss) + adversarial_loss(cls, True, cfg.gan_loss)
+        terms["cycle"] = F.l1_loss(reconstruction_a.float(), x_a) + F.l1_loss(reconstruction_b.float(), x_b)
+        terms["identity"] = F.l1_loss(identity_a.float(), x_a) + F.l1_loss(identity_b.float(), x_b)
+        terms["cam"] = cam_loss(cam_ab[:B], cam_ab[B:]) + cam_loss(cam_ba[:B], cam_ba[B:])
+        if vgg is not None and (cfg.w_style > 0 or cfg.w_content > 0):
+            # One VGG pass for the four generated images, one (without gradients) for their targets:
+            # [G_ab(x_a), G_ba(G_ab(x_a)), G_ba(x_b), G_ab(G_ba(x_b))] against [x_b, x_a, x_a, x_b].
+            fake4, fake5 = vgg(torch.cat([fake_ab, reconstruction_a, fake_ba, reconstruction_b]))
+            with torch.no_grad():
+                real4, real5 = vgg(torch.cat([x_b, x_a, x_a, x_b]))
+            terms["style"] = (style_loss(fake4[:B], real4[:B]) + style_loss(fake4[2 * B:3 * B], real4[2 * B:3 * B]))
+            terms["content"] = (content_loss(fake5[B:2 * B], real5[B:2 * B]) + content_loss(fake5[3 * B:], real5[3 * B:]))
+    weights = dict(adv=cfg.w_adv, cycle=cfg.w_cycle, identity=cfg.w_identity, cam=cfg.w_cam,
+                   style=cfg.w_style, content=cfg.w_content)
+    g_loss = sum(weights[name] * term for name, term in terms.items() if weights[name] > 0)
+    opt_G.zero_grad(set_to_none=True)
+    g_loss.backward()
+    opt_G.step()
+    clip_rho(G_ab)
+    clip_rho(G_ba)
+    return dict(D=d_loss.detach(), G=g_loss.detach(), **{k: v.detach() for k, v in terms.items()})
+
+
+# --- Checkpoints --------------------------------------------------------------------------------
+
+CHECKPOINT_FORMAT = "magan-checkpoint-v1"
+
+
+def save_checkpoint(path: Path, nets: MAGAN, opt_G, opt_D, iteration: int, cfg: Config):
+    """Write to a temporary file, flush it to disk, then rename over `path`: a crash or a full disk
+    mid-write leaves the previous checkpoint intact (rename is atomic on POSIX and Windows)."""
+    state = {
+        "format": CHECKPOINT_FORMAT,
+        "iteration": iteration,
+        "config": dataclasses.asdict(cfg),
+        "nets": {name: net.state_dict() for name, net in nets.named_children()},
+        "opt_G": opt_G.state_dict(),
+        "opt_D": opt_D.state_dict(),
+        "torch_rng": torch.get_rng_state(),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """Load a checkpoint as untrusted input: `weights_only=True` refuses anything but tensors and
+    plain containers, so a malicious file cannot run code. Any failure is a MaganError."""
+    path = Path(path)
+    if not path.is_file():
+        raise MaganError(f"no checkpoint at {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise MaganError(f"{path} cannot be read as a MAGAN checkpoint ({reason}). It may be truncated "
+                         f"(an interrupted copy?) or another kind of file.") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise MaganError(f"{path} is not a MAGAN checkpoint (no '{CHECKPOINT_FORMAT}' marker)")
+    return ckpt
+
+
+def config_from_checkpoint(ckpt: dict, **overrides) -> Config:
+    known = {f.name for f in dataclasses.fields(Config)}
+    return Config(**{**{k: v for k, v in ckpt["config"].items() if k in known}, **overrides})
+
+
+def load_networks(nets: nn.Module, ckpt: dict, names=None):
+    """Load the named networks' weights from a checkpoint; a mismatch is a MaganError."""
+    for name in names or ckpt["nets"]:
+        try:
+            getattr(nets, name).load_state_dict(ckpt["nets"][name])
+        except (RuntimeError, KeyError, AttributeError) as e:
+            raise MaganError(f"the checkpoint's {name} does not fit the network its config describes "
+                             f"({str(e).splitlines()[0]})") from None
+
+
+def check_architecture(cfg: Config, ckpt_cfg: dict):
+    """--resume with a different architecture flag cannot load the weights: say which flag."""
+    for name in ARCHITECTURE_FIELDS:
+        if name in ckpt_cfg and getattr(cfg, name) != ckpt_cfg[name]:
+            flag = "--" + name.replace("_", "-")
+            raise MaganError(f"{flag} is {getattr(cfg, name)!r} but the checkpoint was trained with "
+                             f"{ckpt_cfg[name]!r}: drop the flag or start a new run with another --out")
+
+
+# --- Pictures -----------------------------------------------------------------------------------
+
+def colorize(heatmap: torch.Tensor, size: int) -> torch.Tensor:
+    """(B, 1, h, w) attention heatmap -> (B, 3, size, size) 'jet' colours in [-1, 1], each map
+    scaled to its own min..max (blue = least attended, red = most)."""
+    lo = heatmap.amin(dim=(2, 3), keepdim=True)
+    hi = heatmap.amax(dim=(2, 3), keepdim=True)
+    t = (heatmap.float() - lo) / (hi - lo).clamp_min(1e-8)
+    t = F.interpolate(t, size=(size, size), mode="bilinear", align_corners=False)
+    rgb = torch.cat([1.5 - (4 * t - c).abs() for c in (3, 2, 1)], dim=1).clamp(0, 1)  # (B, 3, S, S)
+    return rgb * 2 - 1
+
+
+@torch.no_grad()
+def sample_grid(G_forward: Generator, G_backward: Generator, x: torch.Tensor) -> torch.Tensor:
+    """Rows: one per test image. Columns: input, attention heatmap over the input, translation,
+    cycle reconstruction. Under no_grad and eval(): no graph is kept, so sampling costs no memory."""
+    modes = [G_forward.training, G_backward.training]
+    G_forward.eval()
+    G_backward.eval()
+    fake, _, heatmap = G_forward(x)
+    reconstruction = G_backward(fake)[0]
+    overlay = 0.5 * x + 0.5 * colorize(heatmap, x.shape[-1])
+    G_forward.train(modes[0])
+    G_backward.train(modes[1])
+    return torch.stack([x, overlay, fake.float(), reconstruction.float()], dim=1).flatten(0, 1)  # (4n, 3, S, S)
+
+
+def save_image_grid(images: torch.Tensor, path: Path, ncol: int):
+    """Save (N, 3, S, S) images in [-1, 1] as one PNG with `ncol` columns and 2-px gutters."""
+    from torchvision.utils import make_grid
+    grid = make_grid(images.detach().float().cpu().clamp(-1, 1) * 0.5 + 0.5, nrow=ncol, padding=2, pad_value=1)
+    array = grid.mul(255).round().to(torch.uint8).permute(1, 2, 0).contiguous()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array.numpy()).save(path)
+
+
+# --- The loop -----------------------------------------------------------------------------------
+
+class StopOnSignal:
+    """Ctrl-C (SIGINT) or SIGTERM asks the loop to stop after the current iteration and save.
+    A second Ctrl-C aborts at once (the last saved checkpoint is still intact)."""
+
+    def __enter__(self):
+        self.requested = False
+        self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print(f"\n{signal.Signals(signum).name} received: finishing this iteration and saving "
+              f"(press Ctrl-C again to abort without saving)", flush=True)
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+def format_seconds(seconds: float) -> str:
+    seconds = int(seconds)
+    d, h, m, s = seconds // 86400, seconds // 3600 % 24, seconds // 60 % 60, seconds % 60
+    return f"{d}d{h:02d}h{m:02d}m" if d else f"{h}h{m:02d}m{s:02d}s"
+
+
+LOG_COLUMNS = ["iteration", "elapsed_s", "it_per_s", "lr", "D", "G", "adv", "cycle", "identity", "cam", "style", "content"]
+
+
+def train(cfg: Config, checkpoint: dict | None = None) -> Path:
+    """Train (or, with cfg.resume, continue) a run in cfg.out. Returns the run folder."""
+    run = Path(cfg.out)
+    latest = run / "checkpoints" / "latest.pt"
+    if cfg.resume:
+        checkpoint = checkpoint or load_checkpoint(latest)
+        check_architecture(cfg, checkpoint["config"])
+    elif latest.exists():
+        raise MaganError(f"{run} already holds a run: pass --resume to continue it, or choose another --out")
+    device = pick_device(cfg.device)
+    fast = cfg.fast and device.type == "cuda"
+    torch.manual_seed(cfg.seed)  # random VGG (smoke runs) and the networks' initial weights
+    # Everything that can fail on the user's input fails here, before the first iteration.
+    vgg = load_vgg(cfg.vgg_weights) if (cfg.w_style > 0 or cfg.w_content > 0) else None
+    data = UnpairedImages(cfg.a, cfg.b, cfg.size, cfg.seed)
+    samples = {"a2b": fixed_images(sample_folder(cfg.a), cfg.n_samples, cfg.size).to(device),
+               "b2a": fixed_images(sample_folder(cfg.b), cfg.n_samples, cfg.size).to(device)}
+
+    nets = MAGAN(cfg).to(device)
+    vgg = vgg.to(device) if vgg is not None else None
+    if fast:
+        # channels_last lets cuDNN use its NHWC tensor-core kernels without layout transposes, and
+        # benchmark mode picks the fastest convolution algorithm for our fixed input size once.
+        nets = nets.to(memory_format=torch.channels_last)
+        vgg = vgg.to(memory_format=torch.channels_last) if vgg is not None else None
+        torch.backends.cudnn.benchmark = True
+    opt_G, opt_D = make_optimizers(nets, cfg, device)
+    start = 0
+    if cfg.resume:
+        load_networks(nets, checkpoint)
+        opt_G.load_state_dict(checkpoint["opt_G"])
+        opt_D.load_state_dict(checkpoint["opt_D"])
+        torch.set_rng_state(checkpoint["torch_rng"])
+        start = checkpoint["iteration"]
+        print(f"resuming {run} from iteration {start}", flush=True)
+    if cfg.compile:
+        for net in list(nets.children()) + ([vgg] if vgg is not None else []):
+            net.compile()  # in place: state_dict keys stay the same
+    # bf16 keeps fp32's exponent range, so no loss scaling is needed (unlike fp16).
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if fast else nullcontext()
+
+    run.mkdir(parents=True, exist_ok=True)
+    (run / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+    loader = torch.utils.data.DataLoader(
+        data, batch_size=cfg.batch, sampler=range(start * cfg.batch, cfg.iters * cfg.batch),
+        num_workers=cfg.workers, collate_fn=collate_pairs, pin_memory=device.type == "cuda",
+        worker_init_fn=ignore_sigint if cfg.workers else None, persistent_workers=False)
+    log_path = run / "log.csv"
+    new_log = not log_path.exists() or start == 0
+    log_file = open(log_path, "w" if new_log else "a", newline="")
+    log = csv.writer(log_file)
+    if new_log:
+        log.writerow(LOG_COLUMNS)
+
+    print(f"training {cfg.iters} iterations on {device} ({'bf16 fast path' if fast else 'fp32'}); "
+          f"{len(data.files[0])} + {len(data.files[1])} images; run folder {run}\n"
+          f"(the G loss starts near 1e3 because the CAM term is weighted {cfg.w_cam:g})", flush=True)
+    reported_bad = set()
+    nonfinite = None  # per loss term: has it been non-finite since the last check?
+    last_saved = start
+    window_start, window_iter, t0 = time.time(), start, time.time()
+    iteration = start
+    try:
+        with StopOnSignal() as stop:
+            for iteration, (x_a, x_b, skipped) in enumerate(loader, start + 1):
+                for name in set(skipped) - reported_bad:
+                    print(f"skipping unreadable image {name}", flush=True)
+                    reported_bad.add(name)
+                x_a = x_a.to(device, non_blocking=True)
+                x_b = x_b.to(device, non_blocking=True)
+                if fast:
+                    x_a = x_a.contiguous(memory_format=torch.channels_last)
+                    x_b = x_b.contiguous(memory_format=torch.channels_last)
+                lr = learning_rate(iteration - 1, cfg)
+                for group in opt_G.param_groups + opt_D.param_groups:
+                    group["lr"] = lr
+                losses = train_step(nets, vgg, opt_G, opt_D, x_a, x_b, cfg, autocast)
+
+                # Non-finite check: accumulated on the device, read back only when we print or save
+                # (on CPU reading is free, so every iteration) to keep the GPU free of sync points.
+                bad = ~torch.isfinite(torch.stack(list(losses.values())))
+                nonfinite = bad if nonfinite is None else nonfinite | bad
+                logging = iteration % cfg.log_every == 0 or iteration == cfg.iters
+                saving = iteration % cfg.save_every == 0 or iteration == cfg.iters or stop.requested
+                if device.type == "cpu" or logging or saving:
+                    if nonfinite.any():
+                        names = [n for n, b in zip(losses, nonfinite.tolist()) if b]
+                        raise MaganError(
+                            f"loss term(s) {', '.join(names)} became non-finite (NaN or inf) at iteration "
+                            f"{iteration}{'' if device.type == 'cpu' else ' or shortly before'}. "
+                            f"{latest} still holds the last good state (iteration {last_saved}). "
+                            f"Try a lower --lr, --no-fast, or a smaller weight for that term, then --resume.")
+                if logging:
+                    now = time.time()
+                    speed = (iteration - window_iter) / max(now - window_start, 1e-9)
+                    window_start, window_iter = now, iteration
+                    values = {k: v.item() for k, v in losses.items()}
+                    eta = format_seconds((cfg.iters - iteration) / max(speed, 1e-9))
+                    print(f"[{iteration:>{len(str(cfg.iters))}}/{cfg.iters}] {speed:6.2f} it/s  ETA {eta}  "
+                          f"lr {lr:.2e}  D {values['D']:.4g}  G {values['G']:.4g} = "
+                          + "  ".join(f"{k} {values[k]:.4g}" for k in ("adv", "cycle", "identity", "cam", "style", "content")),
+                          flush=True)
+                    log.writerow([iteration, round(now - t0, 2), round(speed, 4), lr] + [values[k] for k in LOG_COLUMNS[4:]])
+                    log_file.flush()
+                if iteration % cfg.sample_every == 0 or iteration == cfg.iters:
+                    for direction, (G_fwd, G_bwd) in (("a2b", (nets.G_ab, nets.G_ba)), ("b2a", (nets.G_ba, nets.G_ab))):
+                        grid = sample_grid(G_fwd, G_bwd, samples[direction])
+                        save_image_grid(grid, run / "samples" / f"{direction}_{iteration:07d}.png", ncol=4)
+                if saving:
+                    save_checkpoint(latest, nets, opt_G, opt_D, iteration, cfg)
+                    last_saved = iteration
+                    if iteration % cfg.snapshot_every == 0:
+                        snapshot = run / "checkpoints" / f"iter_{iteration:07d}.pt"
+                        save_checkpoint(snapshot, nets, opt_G, opt_D, iteration, cfg)
+                if stop.requested:
+                    print(f"stopped at iteration {iteration}; saved {latest}.\n"
+                          f"continue with: python magan.py train --out {run} --resume", flush=True)
+                    return run
+    finally:
+        log_file.close()
+    print(f"done: {iteration} iterations; checkpoint {latest}", flush=True)
+    return run
+
+
+# =================================================================================================
+# 10. Command line: `python magan.py train|translate|kid|bench`; train's flags come from Config.
+# =================================================================================================
+
+def image_size(text: str) -> int:
+    value = int(text)
+    if value < 32 or value % 32:
+        raise argparse.ArgumentTypeError(
+            f"{value} is not a multiple of 32 (at least 32): the generator halves the image twice and "
+            f"the global discriminator up to five times")
+    return value
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{value} must be a positive integer")
+    return value
+
+
+def nonneg_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} must be 0 or more")
+    return value
+
+
+def weight(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"{text} must be a finite number >= 0 (0 switches the term off)")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"{text} must be a finite number > 0")
+    return value
+
+
+def device_name(text: str) -> str:
+    kind, _, index = text.partition(":")
+    if text in ("auto", "cpu", "cuda") or (kind == "cuda" and index.isdigit()):
+        return text
+    raise argparse.ArgumentTypeError(f"unknown device {text!r}: use auto, cpu, cuda or cuda:N")
+
+
+VALIDATORS = dict(image_size=image_size, positive_int=positive_int, nonneg_int=nonneg_int, weight=weight,
+                  positive_float=positive_float, device_name=device_name)
+
+
+def add_config_flags(parser: argparse.ArgumentParser, defaults: Config):
+    """One flag per Config field. Unset flags are left out of the parsed namespace (SUPPRESS), so
+    --resume can tell what the user asked for from what the checkpoint already says."""
+    for f in dataclasses.fields(Config):
+        flag = "--" + f.name.replace("_", "-")
+        default = getattr(defaults, f.name)
+        help_text = f"{f.metadata['help']} (default: {default})"
+        if isinstance(f.default, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
+        else:
+            kind = f.metadata.get("type", type(f.default))
+            parser.add_argument(flag, type=VALIDATORS.get(kind, kind), choices=f.metadata.get("choices"),
+                                default=argparse.SUPPRESS, help=help_text)
+    parser.add_argument("--full", dest="light", action="store_false", default=argparse.SUPPRESS,
+                        help="full mode, the paper's setting (same as --no-light)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="magan.py", description="MAGAN: unsupervised image-to-image translation with multi-angle attention.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    train_parser = commands.add_parser("train", help="train a model (on data/ when no folder is given)")
+    add_config_flags(train_parser, Config())
+    return parser
+
+
+def config_from_args(args: argparse.Namespace, **defaults) -> Config:
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config) if hasattr(args, f.name)}
+    return Config(**{**defaults, **given})
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    try:
+        if args.command == "train":
+            cfg = config_from_args(args)
+            checkpoint = None
+            if cfg.resume:  # flags not given on the command line come from the checkpoint
+                checkpoint = load_checkpoint(Path(cfg.out) / "checkpoints" / "latest.pt")
+                given = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config) if hasattr(args, f.name)}
+                cfg = config_from_checkpoint(checkpoint, **given)
+            train(cfg, checkpoint)
+    except MaganError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,290 @@
+"""Tests for magan.py. Run: python -m pytest -q test_magan.py
+
+Everything runs on CPU at 32-64 px with narrow networks and a randomly initialised VGG:
+no test needs a download or a GPU."""
+
+import dataclasses
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import magan
+from magan import (AdaLIN, Config, Discriminator, Generator, LIN, MAGAN, MultiAngleAttention,
+                   MaganError, adversarial_loss, cam_loss, content_loss, gram_matrix, style_loss)
+
+HERE = Path(__file__).resolve().parent
+
+
+def tiny_config(tmp_path, **overrides) -> Config:
+    """A config that trains in a fraction of a second per iteration on CPU."""
+    base = dict(a=str(HERE / "data" / "trainA"), b=str(HERE / "data" / "trainB"), out=str(tmp_path / "run"),
+                size=32, ch=8, n_res=1, iters=4, vgg_weights="random", device="cpu", workers=0,
+                log_every=2, sample_every=2, save_every=2, snapshot_every=4, n_samples=2)
+    return Config(**{**base, **overrides})
+
+
+def make_step_objects(cfg: Config, seed: int = 0):
+    torch.manual_seed(seed)
+    nets = MAGAN(cfg)
+    vgg = magan.load_vgg(cfg.vgg_weights)
+    opt_G, opt_D = magan.make_optimizers(nets, cfg, torch.device("cpu"))
+    return nets, vgg, opt_G, opt_D
+
+
+# --- shapes ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("size", [32, 64])
+@pytest.mark.parametrize("light", [True, False])
+def test_generator_shapes(size, light):
+    G = Generator(ch=8, n_res=2, size=size, light=light)
+    y, logits, heatmap = G(torch.randn(2, 3, size, size))
+    assert y.shape == (2, 3, size, size)
+    assert logits.shape == (2, 3)
+    assert heatmap.shape == (2, 1, size // 4, size // 4)
+    assert y.abs().max() <= 1  # tanh output
+
+
+@pytest.mark.parametrize("size", [32, 64, 256])
+def test_discriminator_shapes(size):
+    n_global = magan.global_depth(size)
+    for n_down in (n_global, 3):
+        D = Discriminator(ch=4, n_down=n_down, size=size)
+        patch, logits, heatmap = D(torch.randn(2, 3, size, size))
+        grid = size // 2**n_down - 1
+        assert heatmap.shape == (2, 1, grid, grid)
+        assert patch.shape == (2, 1, grid - 1, grid - 1)
+        assert logits.shape == (2, 3)
+    # The paper's 256-px layout: global D down to S/32 (patch 6x6), local to S/8 (patch 30x30).
+    if size == 256:
+        assert n_global == 5
+
+
+@pytest.mark.parametrize("attention,n_logits", [("ma", 3), ("cam", 2), ("sam", 1), ("none", 0)])
+def test_attention_modes_shapes(attention, n_logits):
+    module = MultiAngleAttention(16, 8, attention, p=2.0)
+    a, logits, heatmap = module(torch.randn(3, 16, 8, 8))
+    assert a.shape == (3, 16, 8, 8) and logits.shape == (3, n_logits) and heatmap.shape == (3, 1, 8, 8)
+    assert torch.allclose(heatmap, a.sum(1, keepdim=True))
+
+
+# --- multi-angle attention against explicit loops -------------------------------------------------
+
+@pytest.mark.parametrize("p", [1.0, 2.0, 3.0])
+def test_sam_matches_explicit_loop(p):
+    torch.manual_seed(0)
+    B, C, h = 2, 5, 4
+    module = MultiAngleAttention(C, h, "ma", p=p)
+    theta = torch.randn(B, C, h, h)
+    a, logits, _ = module(theta)
+    w_gap = module.fc["gap"].weight[0]
+    w_gmp = module.fc["gmp"].weight[0]
+    w_sam = module.fc["sam"].weight[0]
+    for b in range(B):
+        # γ_ij = Σ_n |θ_n,ij|^p, then unit L2 norm over positions, then ξ_γ = Σ_m ω_m γ_m
+        gamma = [[sum(abs(theta[b, n, i, j].item()) ** p for n in range(C)) for j in range(h)] for i in range(h)]
+        norm = math.sqrt(sum(g * g for row in gamma for g in row))
+        xi_sam = sum(w_sam[i * h + j].item() * gamma[i][j] / norm for i in range(h) for j in range(h))
+        xi_gap = sum(w_gap[n].item() * theta[b, n].mean().item() for n in range(C))
+        xi_gmp = sum(w_gmp[n].item() * theta[b, n].max().item() for n in range(C))
+        assert logits[b].tolist() == pytest.approx([xi_gap, xi_gmp, xi_sam], rel=1e-4, abs=1e-6)
+    # a(x) = ReLU(Conv1x1([ω_β ⊙ θ, ω_α ⊙ θ, ω_γ ⊙ θ])) with ω_γ weighting positions
+    a_sam = torch.empty_like(theta)
+    for i in range(h):
+        for j in range(h):
+            a_sam[:, :, i, j] = theta[:, :, i, j] * w_sam[i * h + j]
+    stacked = torch.cat([theta * w_gap.view(1, C, 1, 1), theta * w_gmp.view(1, C, 1, 1), a_sam], 1)
+    assert torch.allclose(a, F.relu(module.conv1x1(stacked)), atol=1e-6)
+
+
+def test_sam_weight_map_is_resized_on_another_grid():
+    module = MultiAngleAttention(4, 8, "sam")
+    a, logits, heatmap = module(torch.randn(1, 4, 16, 16))  # translating at twice the training size
+    assert a.shape == (1, 4, 16, 16) and logits.shape == (1, 1)
+    weight = module.fc["sam"].weight.view(1, 1, 8, 8)
+    expected = F.interpolate(weight, size=(16, 16), mode="bilinear", align_corners=False)
+    assert torch.allclose(module.sam_weight_map(16, 16), expected.view(16, 16))
+    assert torch.allclose(module.sam_weight_map(8, 8), weight.view(8, 8))
+
+
+def test_spectral_norm_attention_uses_normalised_weight():
+    torch.manual_seed(0)
+    module = MultiAngleAttention(6, 4, "cam", spectral=True).eval()  # eval: no power iteration
+    theta = torch.randn(2, 6, 4, 4)
+    _, logits, _ = module(theta)
+    w = module.fc["gap"].weight
+    assert torch.allclose(logits[:, :1], theta.mean((2, 3)) @ w.t(), atol=1e-6)
+    assert torch.linalg.matrix_norm(w.detach(), ord=2).item() == pytest.approx(1.0, rel=1e-2)
+
+
+# --- normalisation ----------------------------------------------------------------------------
+
+def test_adalin_limits_are_instance_and_layer_norm():
+    torch.manual_seed(0)
+    x = torch.randn(2, 6, 5, 7) * 3 + 1
+    gamma, beta = torch.randn(2, 6), torch.randn(2, 6)
+    norm = AdaLIN(6)
+    with torch.no_grad():
+        norm.rho.fill_(1.0)
+        expected = F.instance_norm(x, eps=1e-5) * gamma[:, :, None, None] + beta[:, :, None, None]
+        assert torch.allclose(norm(x, gamma, beta), expected, atol=1e-5)
+        norm.rho.fill_(0.0)
+        expected = F.layer_norm(x, x.shape[1:], eps=1e-5) * gamma[:, :, None, None] + beta[:, :, None, None]
+        assert torch.allclose(norm(x, gamma, beta), expected, atol=1e-5)
+        lin = LIN(6)  # rho starts at 0: layer norm, identity affine
+        assert torch.allclose(lin(x), F.layer_norm(x, x.shape[1:], eps=1e-5), atol=1e-5)
+
+
+def test_rho_is_clipped_after_a_training_step(tmp_path):
+    cfg = tiny_config(tmp_path)
+    nets, vgg, opt_G, opt_D = make_step_objects(cfg)
+    norms = [m for G in nets.generators() for m in G.modules() if isinstance(m, (AdaLIN, LIN))]
+    with torch.no_grad():
+        for i, m in enumerate(norms):
+            m.rho.fill_(1.7 if i % 2 else -0.4)
+    x = torch.rand(1, 3, 32, 32) * 2 - 1
+    magan.train_step(nets, vgg, opt_G, opt_D, x, x.flip(-1), cfg)
+    values = torch.cat([m.rho.flatten() for m in norms])
+    assert values.min() >= 0 and values.max() <= 1
+    assert (values == 1).any() and (values == 0).any()
+
+
+# --- losses against hand computations -----------------------------------------------------------
+
+def test_gram_and_style_loss_by_hand():
+    f = torch.tensor([[1.0, 2.0], [3.0, 4.0]]).view(1, 2, 1, 2)  # C=2, H=1, W=2
+    # M = F Fᵀ / (C·H·W) = [[1+4, 3+8], [3+8, 9+16]] / 4
+    assert torch.allclose(gram_matrix(f), torch.tensor([[[5.0, 11.0], [11.0, 25.0]]]) / 4)
+    g = torch.tensor([[1.0, 0.0], [0.0, 1.0]]).view(1, 2, 1, 2)  # M = I / 4
+    # mean |[[5, 11], [11, 25]] / 4 − I / 4| = (4 + 11 + 11 + 24) / 4 / 4
+    assert style_loss(f, g).item() == pytest.approx(50 / 16)
+    # a random case against an explicit triple loop
+    torch.manual_seed(1)
+    h = torch.randn(2, 3, 4, 5)
+    m = gram_matrix(h)
+    for b in range(2):
+        for i in range(3):
+            for j in range(3):
+                expected = sum(h[b, i].flatten()[k] * h[b, j].flatten()[k] for k in range(20)) / 60
+                assert m[b, i, j].item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_content_loss():
+    x = torch.randn(2, 8, 3, 3)
+    assert content_loss(x, x.clone()).item() == 0
+    assert content_loss(x, x + 0.5).item() == pytest.approx(0.5)
+
+
+def test_lsgan_and_bce_by_hand():
+    logits = torch.tensor([0.5, 2.0])
+    assert adversarial_loss(logits, True).item() == pytest.approx(((0.5 - 1) ** 2 + (2 - 1) ** 2) / 2)
+    assert adversarial_loss(logits, False).item() == pytest.approx((0.5 ** 2 + 2 ** 2) / 2)
+    sigmoid = lambda v: 1 / (1 + math.exp(-v))
+    assert adversarial_loss(logits, True, "bce").item() == pytest.approx(
+        -(math.log(sigmoid(0.5)) + math.log(sigmoid(2.0))) / 2, rel=1e-5)
+    assert adversarial_loss(torch.zeros(2, 0), True).item() == 0  # attention "none": no logits
+
+
+def test_cam_loss_by_hand():
+    source, target = torch.tensor([[0.0, 1.0]]), torch.tensor([[-1.0, 2.0]])
+    sigmoid = lambda v: 1 / (1 + math.exp(-v))
+    expected = (-(math.log(sigmoid(0.0)) + math.log(sigmoid(1.0))) / 2
+                - (math.log(1 - sigmoid(-1.0)) + math.log(1 - sigmoid(2.0))) / 2)
+    assert cam_loss(source, target).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_vgg_layers_are_relu4_4_and_relu5_4():
+    vgg = magan.load_vgg("random")
+    assert isinstance(vgg.to_relu4_4[-1], torch.nn.ReLU) and len(vgg.to_relu4_4) == 27
+    assert isinstance(vgg.to_relu5_4[-1], torch.nn.ReLU) and len(vgg.to_relu5_4) == 9
+    f4, f5 = vgg(torch.zeros(1, 3, 64, 64))
+    assert f4.shape == (1, 512, 8, 8) and f5.shape == (1, 512, 4, 4)
+    assert not any(p.requires_grad for p in vgg.parameters())
+
+
+def test_learning_rate_schedule():
+    cfg = Config(iters=100, lr=1.0)
+    assert magan.learning_rate(0, cfg) == 1.0 and magan.learning_rate(49, cfg) == 1.0
+    assert magan.learning_rate(50, cfg) == 1.0
+    assert magan.learning_rate(75, cfg) == pytest.approx(0.5)
+    assert magan.learning_rate(99, cfg) == pytest.approx(0.02)
+
+
+# --- training ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("attention,light", [("ma", True), ("ma", False), ("cam", True), ("sam", True), ("none", True)])
+def test_one_iteration_updates_everything(tmp_path, attention, light):
+    cfg = tiny_config(tmp_path, attention=attention, light=light, p_gen=3.0, p_dis=2.0)
+    nets, vgg, opt_G, opt_D = make_step_objects(cfg)
+    before = {k: v.clone() for k, v in nets.state_dict().items()}
+    x_a, x_b = torch.rand(2, 3, 32, 32) * 2 - 1, torch.rand(2, 3, 32, 32) * 2 - 1
+    losses = magan.train_step(nets, vgg, opt_G, opt_D, x_a, x_b, cfg)
+    assert all(torch.isfinite(v) for v in losses.values())
+    for name in ("adv", "cycle", "identity", "style", "content"):
+        assert losses[name] > 0
+    assert (losses["cam"] > 0) == (attention != "none")
+    for net_name, net in nets.named_children():
+        changed = [k for k, v in net.state_dict().items() if not torch.equal(v, before[f"{net_name}.{k}"])]
+        assert changed, f"{net_name} did not change"
+        assert all(torch.isfinite(v).all() for v in net.state_dict().values())
+
+
+def test_zero_weight_switches_term_off(tmp_path):
+    cfg = tiny_config(tmp_path, w_style=0, w_content=0, w_cam=0, w_identity=0, w_cycle=0)
+    nets, vgg, opt_G, opt_D = make_step_objects(cfg)
+    x = torch.rand(1, 3, 32, 32) * 2 - 1
+    losses = magan.train_step(nets, vgg, opt_G, opt_D, x, x.flip(-1), cfg)
+    assert losses["style"] == 0 and losses["content"] == 0  # VGG not even run
+    assert losses["G"].item() == pytest.approx(losses["adv"].item())  # only adversarial remains
+
+
+def state_of(run: Path):
+    ckpt = magan.load_checkpoint(run / "checkpoints" / "latest.pt")
+    return ckpt
+
+
+def test_resume_gives_identical_weights(tmp_path):
+    straight = magan.train(tiny_config(tmp_path / "a", iters=4, save_every=4))
+    magan.train(tiny_config(tmp_path / "b", iters=2, save_every=2))
+    # continue the stopped run for 2 more iterations (the schedule must know the total is 4)
+    resumed = magan.train(tiny_config(tmp_path / "b", iters=4, save_every=4, resume=True))
+    one, two = state_of(straight), state_of(resumed)
+    assert one["iteration"] == two["iteration"] == 4
+    for net in one["nets"]:
+        for key, value in one["nets"][net].items():
+            assert torch.equal(value, two["nets"][net][key]), f"{net}.{key} differs after resume"
+    for opt in ("opt_G", "opt_D"):
+        for pid, state in one[opt]["state"].items():
+            assert torch.equal(state["exp_avg"], two[opt]["state"][pid]["exp_avg"])
+
+
+def test_train_command_line_writes_run_folder(tmp_path):
+    out = tmp_path / "cli"
+    result = subprocess.run(
+        [sys.executable, str(HERE / "magan.py"), "train", "--size", "32", "--ch", "8", "--n-res", "1",
+         "--iters", "3", "--log-every", "1", "--sample-every", "3", "--save-every", "3",
+         "--vgg-weights", "random", "--workers", "1", "--device", "cpu", "--out", str(out)],
+        capture_output=True, text=True, cwd=HERE, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "it/s" in result.stdout and "ETA" in result.stdout and "cam" in result.stdout
+    assert (out / "checkpoints" / "latest.pt").is_file()
+    assert (out / "config.json").is_file()
+    rows = (out / "log.csv").read_text().strip().splitlines()
+    assert rows[0].startswith("iteration,") and len(rows) == 4
+    for direction in ("a2b", "b2a"):
+        grid = Image.open(out / "samples" / f"{direction}_0000003.png")
+        # n_samples (4) rows x 4 columns (input, heatmap, translation, cycle) of 32-px images
+        assert grid.size == (4 * 32 + 5 * 2, 4 * 32 + 5 * 2)
+    ckpt = magan.load_checkpoint(out / "checkpoints" / "latest.pt")
+    assert ckpt["iteration"] == 3 and set(ckpt["nets"]) == {"G_ab", "G_ba", "D_ga", "D_gb", "D_la", "D_lb"}
+    assert ckpt["config"]["size"] == 32
+
+
+def test_no_arguments_prints_help():
+    result = subprocess.run([sys.executable, str(HERE / "magan.py")], capture_output=True, text=True, cwd=HERE)
+    assert result.returncode == 0 and "train" in result.stdout and "usage" in result.stdout
