@@ -42,6 +42,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 from torch.nn.utils.parametrizations import spectral_norm
+from torchvision.models import Inception_V3_Weights, inception_v3
+from torchvision.models.inception import InceptionA, InceptionC, InceptionE
+from torchvision.utils import make_grid
 
 
 class MaganError(Exception):
@@ -678,6 +681,31 @@ def make_optimizers(nets: MAGAN, cfg: Config, device: torch.device):
     return adam(nets.generators()), adam(nets.discriminators())
 
 
+def place_networks(nets: MAGAN, vgg: VGGFeatures | None, device: torch.device, fast: bool):
+    """Move the networks to the device. With `fast` (CUDA only), also:
+    - channels_last: cuDNN's fastest tensor-core convolutions work on NHWC; with NCHW tensors every
+      convolution would pay for two layout transposes;
+    - cudnn.benchmark: our input size never changes, so timing the algorithms once pays off;
+    - bf16 autocast: convolutions and matmuls in bfloat16 (twice the tensor-core rate, half the
+      activation memory). bf16 keeps fp32's exponent range, so no loss scaling is needed (unlike
+      fp16); norm statistics (`layer_instance_norm`, `InstanceNorm`), the Gram matrix and the
+      losses stay in fp32 (see their `.float()` calls).
+    Returns (nets, vgg, autocast context)."""
+    nets = nets.to(device)
+    vgg = vgg.to(device) if vgg is not None else None
+    if not fast:
+        return nets, vgg, nullcontext()
+    nets = nets.to(memory_format=torch.channels_last)
+    vgg = vgg.to(memory_format=torch.channels_last) if vgg is not None else None
+    torch.backends.cudnn.benchmark = True
+    return nets, vgg, torch.autocast("cuda", dtype=torch.bfloat16)
+
+
+def to_device(x: torch.Tensor, device: torch.device, fast: bool) -> torch.Tensor:
+    x = x.to(device, non_blocking=True)  # non_blocking: the copy from pinned memory overlaps compute
+    return x.contiguous(memory_format=torch.channels_last) if fast else x
+
+
 def learning_rate(iteration: int, cfg: Config) -> float:
     """Constant for the first half, then linear decay to 0, computed from the iteration number
     (not by repeated subtraction, so a resumed run gets exactly the same value)."""
@@ -801,12 +829,12 @@ def config_from_checkpoint(ckpt: dict, **overrides) -> Config:
     return Config(**{**{k: v for k, v in ckpt["config"].items() if k in known}, **overrides})
 
 
-def load_networks(nets: nn.Module, ckpt: dict, names=None):
-    """Load the named networks' weights from a checkpoint; a mismatch is a MaganError."""
-    for name in names or ckpt["nets"]:
+def load_networks(modules: dict[str, nn.Module], ckpt: dict):
+    """Load each named network's weights from a checkpoint; a mismatch is a MaganError."""
+    for name, module in modules.items():
         try:
-            getattr(nets, name).load_state_dict(ckpt["nets"][name])
-        except (RuntimeError, KeyError, AttributeError) as e:
+            module.load_state_dict(ckpt["nets"][name])
+        except (RuntimeError, KeyError, TypeError) as e:
             raise MaganError(f"the checkpoint's {name} does not fit the network its config describes "
                              f"({str(e).splitlines()[0]})") from None
 
@@ -850,7 +878,6 @@ def sample_grid(G_forward: Generator, G_backward: Generator, x: torch.Tensor) ->
 
 def save_image_grid(images: torch.Tensor, path: Path, ncol: int):
     """Save (N, 3, S, S) images in [-1, 1] as one PNG with `ncol` columns and 2-px gutters."""
-    from torchvision.utils import make_grid
     grid = make_grid(images.detach().float().cpu().clamp(-1, 1) * 0.5 + 0.5, nrow=ncol, padding=2, pad_value=1)
     array = grid.mul(255).round().to(torch.uint8).permute(1, 2, 0).contiguous()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -907,18 +934,11 @@ def train(cfg: Config, checkpoint: dict | None = None) -> Path:
     samples = {"a2b": fixed_images(sample_folder(cfg.a), cfg.n_samples, cfg.size).to(device),
                "b2a": fixed_images(sample_folder(cfg.b), cfg.n_samples, cfg.size).to(device)}
 
-    nets = MAGAN(cfg).to(device)
-    vgg = vgg.to(device) if vgg is not None else None
-    if fast:
-        # channels_last lets cuDNN use its NHWC tensor-core kernels without layout transposes, and
-        # benchmark mode picks the fastest convolution algorithm for our fixed input size once.
-        nets = nets.to(memory_format=torch.channels_last)
-        vgg = vgg.to(memory_format=torch.channels_last) if vgg is not None else None
-        torch.backends.cudnn.benchmark = True
+    nets, vgg, autocast = place_networks(MAGAN(cfg), vgg, device, fast)
     opt_G, opt_D = make_optimizers(nets, cfg, device)
     start = 0
     if cfg.resume:
-        load_networks(nets, checkpoint)
+        load_networks(dict(nets.named_children()), checkpoint)
         opt_G.load_state_dict(checkpoint["opt_G"])
         opt_D.load_state_dict(checkpoint["opt_D"])
         torch.set_rng_state(checkpoint["torch_rng"])
@@ -927,8 +947,6 @@ def train(cfg: Config, checkpoint: dict | None = None) -> Path:
     if cfg.compile:
         for net in list(nets.children()) + ([vgg] if vgg is not None else []):
             net.compile()  # in place: state_dict keys stay the same
-    # bf16 keeps fp32's exponent range, so no loss scaling is needed (unlike fp16).
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if fast else nullcontext()
 
     run.mkdir(parents=True, exist_ok=True)
     (run / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
@@ -957,11 +975,7 @@ def train(cfg: Config, checkpoint: dict | None = None) -> Path:
                 for name in set(skipped) - reported_bad:
                     print(f"skipping unreadable image {name}", flush=True)
                     reported_bad.add(name)
-                x_a = x_a.to(device, non_blocking=True)
-                x_b = x_b.to(device, non_blocking=True)
-                if fast:
-                    x_a = x_a.contiguous(memory_format=torch.channels_last)
-                    x_b = x_b.contiguous(memory_format=torch.channels_last)
+                x_a, x_b = to_device(x_a, device, fast), to_device(x_b, device, fast)
                 lr = learning_rate(iteration - 1, cfg)
                 for group in opt_G.param_groups + opt_D.param_groups:
                     group["lr"] = lr
@@ -1011,6 +1025,283 @@ def train(cfg: Config, checkpoint: dict | None = None) -> Path:
         log_file.close()
     print(f"done: {iteration} iterations; checkpoint {latest}", flush=True)
     return run
+
+
+# =================================================================================================
+# 8. Translation: apply one trained generator to a folder (or one image)
+# =================================================================================================
+
+def load_generator(ckpt_path: str | Path, direction: str, device: torch.device) -> tuple[Generator, Config]:
+    """The generator of `direction` (a2b or b2a) from a training checkpoint, in eval mode."""
+    ckpt = load_checkpoint(ckpt_path)
+    cfg = config_from_checkpoint(ckpt)
+    name = {"a2b": "G_ab", "b2a": "G_ba"}[direction]
+    G = Generator(cfg.ch, cfg.n_res, cfg.size, cfg.light, cfg.attention, cfg.p_gen)
+    load_networks({name: G}, ckpt)
+    return G.to(device).eval(), cfg
+
+
+def input_files(path: str | Path) -> list[Path]:
+    path = Path(path)
+    if path.is_file():
+        return [path]
+    return list_images(path)
+
+
+@torch.no_grad()
+def translate(ckpt: str | Path, input_path: str | Path, out: str | Path, direction: str = "a2b",
+              heatmaps: bool = False, batch: int = 8, device: str = "auto") -> list[Path]:
+    """Translate every image under `input_path` and write each under its own file name in `out`
+    (what a KID tool expects); with `heatmaps`, the attention heatmap goes to out/heatmaps/.
+    Inputs of any size and mode are converted to RGB and resized to the training size S: the
+    generator runs where it was trained. Returns the written paths."""
+    device = pick_device(device)
+    G, cfg = load_generator(ckpt, direction, device)
+    files = input_files(input_path)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    written, start = [], time.time()
+    for first in range(0, len(files), batch):
+        names, images = [], []
+        for path in files[first:first + batch]:
+            try:
+                im = load_rgb(path, cfg.size).resize((cfg.size, cfg.size), Image.Resampling.BILINEAR)
+            except Exception as e:
+                print(f"skipping unreadable image {path} ({type(e).__name__})", flush=True)
+                continue
+            names.append(path.name)
+            images.append(to_tensor(im))
+        if not images:
+            continue
+        fake, _, heatmap = G(torch.stack(images).to(device))  # (n, 3, S, S), _, (n, 1, S/4, S/4)
+        pixels = fake.float().clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
+        colours = colorize(heatmap, cfg.size).add(1).mul(127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
+        for name, image, colour in zip(names, pixels, colours):
+            Image.fromarray(image.numpy()).save(out / name, quality=95)  # quality: only read for JPEG
+            written.append(out / name)
+            if heatmaps:
+                (out / "heatmaps").mkdir(exist_ok=True)
+                Image.fromarray(colour.numpy()).save(out / "heatmaps" / (Path(name).stem + ".png"))
+        done = min(first + batch, len(files))
+        print(f"translated {done}/{len(files)} images ({done / max(time.time() - start, 1e-9):.1f} img/s)", flush=True)
+    return written
+
+
+# =================================================================================================
+# 9. KID: kernel inception distance (MAGAN §3.5.1, U-GAT-IT §3.3.4)
+#
+#   KID = MMD²(real, fake) with the kernel k(x, y) = (xᵀy / d + 1)³ on d = 2048 Inception features.
+#   Unbiased estimate for sets X (m rows) and Y (n rows):
+#     MMD² = Σ_{i≠j} k(x_i, x_j) / (m(m−1)) + Σ_{i≠j} k(y_i, y_j) / (n(n−1)) − 2 Σ_{i,j} k(x_i, y_j) / (mn)
+#
+# Unlike FID it is unbiased, so small test sets (100 images) give comparable numbers. Two ways to
+# average it are in use, and their numbers differ:
+#   blocks  (TF-GAN, the papers' tables): disjoint blocks of at most 10 images; mean ± standard error
+#   subsets (torch-fidelity, torchmetrics): 100 random subsets of 1000; mean ± population std
+# =================================================================================================
+
+def polynomial_kernel(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """k(x, y) = (xᵀy / d + 1)³ for all pairs: (m, d), (n, d) -> (m, n)."""
+    return (x @ y.t() / x.shape[1] + 1) ** 3
+
+
+def mmd2_unbiased(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The unbiased MMD² above: the diagonal k(x_i, x_i) is left out of the within-set means."""
+    m, n = len(x), len(y)
+    k_xx, k_yy, k_xy = polynomial_kernel(x, x), polynomial_kernel(y, y), polynomial_kernel(x, y)
+    return ((k_xx.sum() - k_xx.diagonal().sum()) / (m * (m - 1))
+            + (k_yy.sum() - k_yy.diagonal().sum()) / (n * (n - 1))
+            - 2 * k_xy.mean())
+
+
+def block_sizes(n: int, n_blocks: int) -> list[int]:
+    """Split n rows into n_blocks sizes as equal as possible, smaller blocks first (as TF-GAN)."""
+    small, n_big = divmod(n, n_blocks)
+    return [small] * (n_blocks - n_big) + [small + 1] * n_big
+
+
+def kid_from_features(real: torch.Tensor, fake: torch.Tensor, protocol: str = "blocks", block_size: int = 10,
+                      subsets: int = 100, subset_size: int = 1000, seed: int = 0) -> tuple[float, float]:
+    """KID between two feature sets (N, d), in raw units: (mean, std). Computed in float64.
+
+    blocks:  TF-GAN's estimator. n_blocks = ceil(max(n_real, n_fake) / block_size); both sets are
+             cut, in the order given, into n_blocks consecutive blocks; std = sqrt(var_unbiased / n_blocks),
+             the standard error of the mean. `seed` is not used (shuffle the rows beforehand if needed).
+    subsets: torch-fidelity's estimator. `subsets` times, draw `subset_size` rows of each set without
+             replacement (torch.Generator seeded with `seed`); std = population std over the subsets."""
+    real, fake = real.double(), fake.double()
+    n_real, n_fake = len(real), len(fake)
+    if protocol == "blocks":
+        n_blocks = math.ceil(max(n_real, n_fake) / block_size)
+        if min(n_real, n_fake) < 2 * n_blocks:
+            raise ValueError(f"blocks of {n_real}/{n_blocks} real and {n_fake}/{n_blocks} fake rows: "
+                             f"every block needs at least 2 rows of each set")
+        values = torch.stack([mmd2_unbiased(r, f) for r, f in zip(real.split(block_sizes(n_real, n_blocks)),
+                                                                   fake.split(block_sizes(n_fake, n_blocks)))])
+        std = (values.var(correction=1) / n_blocks).sqrt() if n_blocks > 1 else torch.tensor(float("nan"))
+        return values.mean().item(), std.item()
+    if protocol == "subsets":
+        if subset_size > min(n_real, n_fake) or subset_size < 2:
+            raise ValueError(f"subset_size {subset_size} must be between 2 and the smaller set ({min(n_real, n_fake)})")
+        g = torch.Generator().manual_seed(seed)
+        values = torch.stack([mmd2_unbiased(real[torch.randperm(n_real, generator=g)[:subset_size]],
+                                            fake[torch.randperm(n_fake, generator=g)[:subset_size]])
+                              for _ in range(subsets)])
+        return values.mean().item(), values.std(correction=0).item()
+    raise ValueError(f"unknown KID protocol {protocol!r}: use blocks or subsets")
+
+
+# --- The FID Inception: TF's 2015-12-05 Inception graph, as ported by pytorch-fid ------------------
+# torchvision's Inception-v3 classes with 1008 outputs, except that the average-pooling branch of
+# the Mixed blocks ignores padding, and Mixed_7c pools with a 3x3 max-pool. The features are the
+# 2048-d global average pool. Only these features give numbers comparable with the papers' tables.
+
+class FIDInceptionA(InceptionA):
+    def _forward(self, x):
+        branch5x5 = self.branch5x5_2(self.branch5x5_1(x))
+        branch3x3dbl = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
+        branch_pool = self.branch_pool(F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False))
+        return [self.branch1x1(x), branch5x5, branch3x3dbl, branch_pool]
+
+
+class FIDInceptionC(InceptionC):
+    def _forward(self, x):
+        branch7x7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
+        branch7x7dbl = x
+        for layer in (self.branch7x7dbl_1, self.branch7x7dbl_2, self.branch7x7dbl_3, self.branch7x7dbl_4, self.branch7x7dbl_5):
+            branch7x7dbl = layer(branch7x7dbl)
+        branch_pool = self.branch_pool(F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False))
+        return [self.branch1x1(x), branch7x7, branch7x7dbl, branch_pool]
+
+
+class FIDInceptionE(InceptionE):
+    def __init__(self, in_channels: int, pool: str):
+        super().__init__(in_channels)
+        self.pool = pool  # "avg" (Mixed_7b) or "max" (Mixed_7c)
+
+    def _forward(self, x):
+        branch3x3 = self.branch3x3_1(x)
+        branch3x3 = torch.cat([self.branch3x3_2a(branch3x3), self.branch3x3_2b(branch3x3)], 1)
+        branch3x3dbl = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
+        branch3x3dbl = torch.cat([self.branch3x3dbl_3a(branch3x3dbl), self.branch3x3dbl_3b(branch3x3dbl)], 1)
+        if self.pool == "avg":
+            pooled = F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)
+        else:
+            pooled = F.max_pool2d(x, 3, stride=1, padding=1)
+        return [self.branch1x1(x), branch3x3, branch3x3dbl, self.branch_pool(pooled)]
+
+
+def fid_inception_v3() -> nn.Module:
+    """The FID Inception's architecture with random weights (load `pt_inception-2015-12-05-*.pth`)."""
+    net = inception_v3(weights=None, aux_logits=False, init_weights=False, num_classes=1008)
+    net.Mixed_5b = FIDInceptionA(192, pool_features=32)
+    net.Mixed_5c = FIDInceptionA(256, pool_features=64)
+    net.Mixed_5d = FIDInceptionA(288, pool_features=64)
+    net.Mixed_6b = FIDInceptionC(768, channels_7x7=128)
+    net.Mixed_6c = FIDInceptionC(768, channels_7x7=160)
+    net.Mixed_6d = FIDInceptionC(768, channels_7x7=160)
+    net.Mixed_6e = FIDInceptionC(768, channels_7x7=192)
+    net.Mixed_7b = FIDInceptionE(1280, pool="avg")
+    net.Mixed_7c = FIDInceptionE(2048, pool="max")
+    return net
+
+
+class InceptionFeatures(nn.Module):
+    """Images in [0, 1] of any size -> (B, 2048) pool features: bilinear resize to 299x299, map to
+    [-1, 1] (what both the FID port and torchvision's transform_input feed the first conv)."""
+
+    BLOCKS = ("Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3", "maxpool1", "Conv2d_3b_1x1", "Conv2d_4a_3x3",
+              "maxpool2", "Mixed_5b", "Mixed_5c", "Mixed_5d", "Mixed_6a", "Mixed_6b", "Mixed_6c", "Mixed_6d",
+              "Mixed_6e", "Mixed_7a", "Mixed_7b", "Mixed_7c", "avgpool")
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net.eval().requires_grad_(False)
+
+    def train(self, mode: bool = True):
+        return super().train(False)
+
+    def forward(self, images):                                   # (B, 3, H, W) in [0, 1]
+        x = F.interpolate(images, size=(299, 299), mode="bilinear", align_corners=False)
+        x = 2 * x - 1
+        for name in self.BLOCKS:
+            x = getattr(self.net, name)(x)
+        return x.flatten(1)                                      # (B, 2048, 1, 1) -> (B, 2048)
+
+
+FID_INCEPTION_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
+                     "pt_inception-2015-12-05-6726825d.pth")
+
+INCEPTION_HELP = """KID needs the FID Inception weights, and they could not be loaded ({reason}). Fixes:
+  * on a machine with internet, run once so they are downloaded to {cache}
+  * --inception-weights PATH   pt_inception-2015-12-05-6726825d.pth (pytorch-fid's release) copied here
+  * --inception imagenet       torchvision's ImageNet Inception (numbers NOT comparable with the papers')"""
+
+
+def load_inception(kind: str = "fid", weights: str | None = None) -> InceptionFeatures:
+    """kind: fid (the papers' features) or imagenet (torchvision's weights, not comparable)."""
+    cache = Path(torch.hub.get_dir()) / "checkpoints"
+    try:
+        if kind == "imagenet":
+            print("warning: torchvision's ImageNet Inception gives KID values that are NOT comparable "
+                  "with the papers' tables (they used the FID Inception)", flush=True)
+            net = inception_v3(weights=None, aux_logits=True, init_weights=False)
+            state = (torch.load(weights, map_location="cpu", weights_only=True) if weights else
+                     torch.hub.load_state_dict_from_url(Inception_V3_Weights.IMAGENET1K_V1.url, map_location="cpu",
+                                                        weights_only=True))
+        else:
+            net = fid_inception_v3()
+            state = (torch.load(weights, map_location="cpu", weights_only=True) if weights else
+                     torch.hub.load_state_dict_from_url(FID_INCEPTION_URL, map_location="cpu", weights_only=True))
+        net.load_state_dict(state)
+    except Exception as e:
+        reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        raise MaganError(INCEPTION_HELP.format(reason=reason, cache=cache)) from None
+    return InceptionFeatures(net)
+
+
+@torch.no_grad()
+def inception_features(files: list[Path], net: InceptionFeatures, device: torch.device, batch: int = 50) -> torch.Tensor:
+    """(N, 2048) features of image files, batched; unreadable files are reported and skipped."""
+    net = net.to(device)
+    features = []
+    for first in range(0, len(files), batch):
+        images = []
+        for path in files[first:first + batch]:
+            try:
+                x = to_tensor(load_rgb(path)).add(1).div(2)      # (3, H, W) in [0, 1]
+            except Exception as e:
+                print(f"skipping unreadable image {path} ({type(e).__name__})", flush=True)
+                continue
+            images.append(F.interpolate(x[None], size=(299, 299), mode="bilinear", align_corners=False)[0])
+        if images:
+            features.append(net(torch.stack(images).to(device)).double().cpu())
+    return torch.cat(features)
+
+
+def kid_between_folders(real: str | Path, fake: str | Path, protocol: str = "blocks", block_size: int = 10,
+                        subsets: int = 100, subset_size: int = 1000, seed: int = 0, inception: str = "fid",
+                        inception_weights: str | None = None, device: str = "auto", batch: int = 50) -> tuple[float, float]:
+    """KID×1 between two image folders, printed ×100 as the papers do. The file lists are shuffled
+    with `seed` first, so the blocks do not follow a sorted listing. Returns (mean, std)."""
+    dev = pick_device(device)
+    net = load_inception(inception, inception_weights)
+    lists = []
+    for folder in (real, fake):
+        files = list_images(folder)
+        lists.append([files[i] for i in torch.randperm(len(files), generator=torch.Generator().manual_seed(seed))])
+    real_features, fake_features = (inception_features(files, net, dev, batch) for files in lists)
+    if protocol == "subsets" and subset_size > min(len(real_features), len(fake_features)):
+        subset_size = min(len(real_features), len(fake_features))
+        print(f"note: subset size reduced to {subset_size}, the size of the smaller set", flush=True)
+    try:
+        mean, std = kid_from_features(real_features, fake_features, protocol, block_size, subsets, subset_size, seed)
+    except ValueError as e:
+        raise MaganError(str(e)) from None
+    detail = (f"blocks of at most {block_size}" if protocol == "blocks" else f"{subsets} subsets of {subset_size}")
+    print(f"KID×100 = {100 * mean:.2f} ± {100 * std:.2f}   ({protocol}: {detail}; {len(real_features)} real, "
+          f"{len(fake_features)} fake images; {inception} Inception)", flush=True)
+    return mean, std
 
 
 # =================================================================================================
@@ -1089,7 +1380,46 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     train_parser = commands.add_parser("train", help="train a model (on data/ when no folder is given)")
     add_config_flags(train_parser, Config())
+
+    t = commands.add_parser("translate", help="translate images with a trained checkpoint",
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    t.add_argument("--ckpt", required=True, help="a training checkpoint, e.g. runs/NAME/checkpoints/latest.pt")
+    t.add_argument("--input", required=True, help="an image or a folder of images (any size or mode)")
+    t.add_argument("--out", required=True, help="output folder: one image per input, same file name")
+    t.add_argument("--direction", choices=("a2b", "b2a"), default="a2b")
+    t.add_argument("--heatmaps", action="store_true", help="also write the attention heatmaps to OUT/heatmaps/")
+    t.add_argument("--batch", type=positive_int, default=8, help="images per forward pass")
+    t.add_argument("--device", type=device_name, default="auto")
+    t.add_argument("--kid-against", metavar="DIR", help="then score the translations against the real "
+                                                        "target-domain images in DIR (e.g. testB)")
+    add_kid_flags(t)
+
+    k = commands.add_parser("kid", help="kernel inception distance between two image folders",
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    k.add_argument("--real", required=True, help="folder of real target-domain images")
+    k.add_argument("--fake", required=True, help="folder of translated images")
+    k.add_argument("--device", type=device_name, default="auto")
+    add_kid_flags(k)
     return parser
+
+
+def add_kid_flags(parser: argparse.ArgumentParser):
+    parser.add_argument("--protocol", choices=("blocks", "subsets"), default="blocks",
+                        help="blocks: TF-GAN's estimator, the papers' numbers; subsets: torch-fidelity/torchmetrics'")
+    parser.add_argument("--block-size", type=positive_int, default=10, help="largest block (blocks protocol)")
+    parser.add_argument("--subsets", type=positive_int, default=100, help="number of subsets (subsets protocol)")
+    parser.add_argument("--subset-size", type=positive_int, default=1000, help="subset size (subsets protocol)")
+    parser.add_argument("--seed", type=int, default=0, help="shuffles the file lists and draws the subsets")
+    parser.add_argument("--inception", choices=("fid", "imagenet"), default="fid",
+                        help="fid: the papers' features; imagenet: torchvision's, not comparable")
+    parser.add_argument("--inception-weights", metavar="PATH", help="a local copy of the Inception weights")
+    parser.add_argument("--kid-batch", type=positive_int, default=50, help="images per Inception pass")
+
+
+def kid_args(args: argparse.Namespace) -> dict:
+    return dict(protocol=args.protocol, block_size=args.block_size, subsets=args.subsets,
+                subset_size=args.subset_size, seed=args.seed, inception=args.inception,
+                inception_weights=args.inception_weights, device=args.device, batch=args.kid_batch)
 
 
 def config_from_args(args: argparse.Namespace, **defaults) -> Config:
@@ -1112,6 +1442,12 @@ def main(argv: list[str] | None = None) -> int:
                 given = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config) if hasattr(args, f.name)}
                 cfg = config_from_checkpoint(checkpoint, **given)
             train(cfg, checkpoint)
+        elif args.command == "translate":
+            translate(args.ckpt, args.input, args.out, args.direction, args.heatmaps, args.batch, args.device)
+            if args.kid_against:
+                kid_between_folders(args.kid_against, args.out, **kid_args(args))
+        elif args.command == "kid":
+            kid_between_folders(args.real, args.fake, **kid_args(args))
     except MaganError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

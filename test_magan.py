@@ -288,3 +288,165 @@ def test_train_command_line_writes_run_folder(tmp_path):
 def test_no_arguments_prints_help():
     result = subprocess.run([sys.executable, str(HERE / "magan.py")], capture_output=True, text=True, cwd=HERE)
     assert result.returncode == 0 and "train" in result.stdout and "usage" in result.stdout
+
+
+# --- translate ----------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    """A 2-iteration run at 32 px: enough to have a real checkpoint."""
+    tmp = tmp_path_factory.mktemp("trained")
+    return magan.train(tiny_config(tmp, iters=2))
+
+
+def test_translate_writes_one_file_per_input(trained_run, tmp_path):
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    Image.new("L", (50, 30), 128).save(inputs / "grey.png")                 # grayscale, non-square
+    Image.new("RGBA", (40, 70), (255, 0, 0, 100)).save(inputs / "alpha.png")  # transparency
+    Image.new("P", (33, 33)).save(inputs / "palette.gif")
+    Image.open(HERE / "data" / "testA" / "0000.jpg").save(inputs / "photo.jpg")
+    out = tmp_path / "out"
+    written = magan.translate(trained_run / "checkpoints" / "latest.pt", inputs, out, "b2a", heatmaps=True,
+                              batch=3, device="cpu")
+    names = sorted(p.name for p in written)
+    assert names == sorted(["grey.png", "alpha.png", "palette.gif", "photo.jpg"])
+    for name in names:
+        im = Image.open(out / name)
+        assert im.size == (32, 32) and im.mode in ("RGB", "P")
+        assert (out / "heatmaps" / (Path(name).stem + ".png")).is_file()
+    # the translation is the generator's output, pixel for pixel (up to 8-bit rounding)
+    G, _ = magan.load_generator(trained_run / "checkpoints" / "latest.pt", "b2a", torch.device("cpu"))
+    x = magan.to_tensor(Image.new("RGB", (32, 32), (128, 128, 128)))
+    with torch.no_grad():
+        expected = G(x[None])[0][0].clamp(-1, 1).add(1).mul(127.5)
+    got = magan.to_tensor(Image.open(out / "grey.png").convert("RGB")).add(1).mul(127.5)
+    assert (got - expected).abs().max() <= 1.0
+
+
+def test_translate_single_image_and_bad_checkpoint(trained_run, tmp_path):
+    written = magan.translate(trained_run / "checkpoints" / "latest.pt", HERE / "data" / "testA" / "0001.jpg",
+                              tmp_path / "one", device="cpu")
+    assert [p.name for p in written] == ["0001.jpg"]
+    with pytest.raises(MaganError, match="no checkpoint"):
+        magan.translate(tmp_path / "missing.pt", HERE / "data" / "testA", tmp_path / "x", device="cpu")
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"state_dict": {"w": torch.zeros(1)}}, foreign)
+    with pytest.raises(MaganError, match="not a MAGAN checkpoint"):
+        magan.translate(foreign, HERE / "data" / "testA", tmp_path / "x", device="cpu")
+
+
+def test_generator_runs_at_another_size_with_resized_sam(trained_run):
+    G, cfg = magan.load_generator(trained_run / "checkpoints" / "latest.pt", "a2b", torch.device("cpu"))
+    with torch.no_grad():
+        y, logits, heatmap = G(torch.zeros(1, 3, 2 * cfg.size, 2 * cfg.size))
+    assert y.shape == (1, 3, 64, 64) and heatmap.shape == (1, 1, 16, 16)
+
+
+# --- KID --------------------------------------------------------------------------------------
+
+def naive_mmd2(x, y):
+    k = lambda u, v: (sum(a * b for a, b in zip(u, v)) / len(u) + 1) ** 3
+    x, y = x.tolist(), y.tolist()
+    m, n = len(x), len(y)
+    xx = sum(k(x[i], x[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
+    yy = sum(k(y[i], y[j]) for i in range(n) for j in range(n) if i != j) / (n * (n - 1))
+    xy = sum(k(x[i], y[j]) for i in range(m) for j in range(n)) / (m * n)
+    return xx + yy - 2 * xy
+
+
+def test_kid_blocks_against_naive_loop_unequal_sizes():
+    torch.manual_seed(0)
+    real, fake = torch.randn(23, 6), torch.randn(17, 6) + 0.3
+    mean, std = magan.kid_from_features(real, fake, "blocks", block_size=10)
+    # ceil(23 / 10) = 3 blocks: real 7, 8, 8 rows; fake 5, 6, 6 rows (smaller blocks first, as TF-GAN)
+    values, r0, f0 = [], 0, 0
+    for nr, nf in [(7, 5), (8, 6), (8, 6)]:
+        values.append(naive_mmd2(real[r0:r0 + nr], fake[f0:f0 + nf]))
+        r0, f0 = r0 + nr, f0 + nf
+    naive_mean = sum(values) / 3
+    naive_var = sum((v - naive_mean) ** 2 for v in values) / 2  # unbiased
+    assert mean == pytest.approx(naive_mean, rel=1e-9)
+    assert std == pytest.approx(math.sqrt(naive_var / 3), rel=1e-9)
+
+
+def test_kid_block_standard_error_by_hand():
+    # 1-d features: with d = 1, k(x, y) = (xy + 1)^3. Two blocks of two rows each.
+    real = torch.tensor([[0.0], [1.0], [0.0], [2.0]])
+    fake = torch.tensor([[1.0], [1.0], [1.0], [0.0]])
+    # block 1: real {0, 1}, fake {1, 1}: k_rr off-diagonal = (0+1)^3 = 1; k_ff = (1+1)^3 = 8;
+    #          k_rf: (0·1+1)^3 = 1 twice, (1·1+1)^3 = 8 twice -> mean 4.5.  MMD² = 1 + 8 − 9 = 0
+    # block 2: real {0, 2}, fake {1, 0}: k_rr = 1; k_ff = 1; k_rf = [1, 1, 27, 1] -> mean 7.5. MMD² = 2 − 15 = −13
+    mean, std = magan.kid_from_features(real, fake, "blocks", block_size=2)
+    assert mean == pytest.approx(-6.5)
+    assert std == pytest.approx(math.sqrt(((0 + 6.5) ** 2 + (-13 + 6.5) ** 2) / 1 / 2))
+
+
+def test_kid_subsets_against_naive_loop():
+    torch.manual_seed(1)
+    real, fake = torch.randn(12, 4), torch.randn(9, 4)
+    mean, std = magan.kid_from_features(real, fake, "subsets", subsets=5, subset_size=6, seed=3)
+    g = torch.Generator().manual_seed(3)
+    values = []
+    for _ in range(5):
+        r = real[torch.randperm(12, generator=g)[:6]]
+        f = fake[torch.randperm(9, generator=g)[:6]]
+        values.append(naive_mmd2(r, f))
+    naive_mean = sum(values) / 5
+    assert mean == pytest.approx(naive_mean, rel=1e-9)
+    assert std == pytest.approx(math.sqrt(sum((v - naive_mean) ** 2 for v in values) / 5), rel=1e-9)
+    assert magan.kid_from_features(real, fake, "subsets", subsets=5, subset_size=6, seed=3) == (mean, std)
+    with pytest.raises(ValueError):
+        magan.kid_from_features(real, fake, "subsets", subset_size=10)
+
+
+def test_kid_near_zero_for_same_distribution_and_positive_when_shifted():
+    g = torch.Generator().manual_seed(0)
+    real = torch.randn(400, 2048, generator=g)
+    same = torch.randn(400, 2048, generator=g)
+    shifted = torch.randn(400, 2048, generator=g) + 0.5
+    m_same, s_same = magan.kid_from_features(real, same, "blocks", block_size=100)
+    m_shift, s_shift = magan.kid_from_features(real, shifted, "blocks", block_size=100)
+    assert abs(m_same) < 3 * s_same + 1e-3
+    assert m_shift > 10 * s_shift and m_shift > 100 * abs(m_same)
+    m_sub, _ = magan.kid_from_features(real, shifted, "subsets", subsets=10, subset_size=200)
+    assert m_sub == pytest.approx(m_shift, rel=0.1)
+
+
+def test_fid_inception_builds_and_loads_saved_weights(tmp_path):
+    torch.manual_seed(0)
+    net = magan.fid_inception_v3()
+    assert isinstance(net.Mixed_7c, magan.FIDInceptionE) and net.Mixed_7c.pool == "max"
+    assert net.fc.out_features == 1008
+    path = tmp_path / "pt_inception.pth"
+    torch.save(net.state_dict(), path)
+    loaded = magan.load_inception("fid", str(path))
+    features = loaded(torch.rand(3, 3, 40, 60))
+    assert features.shape == (3, 2048)
+    assert torch.equal(loaded.net.Conv2d_1a_3x3.conv.weight, net.Conv2d_1a_3x3.conv.weight)
+    # the max-pool branch of Mixed_7c differs from torchvision's average pool
+    x = torch.randn(1, 2048, 8, 8)
+    stock = magan.InceptionE(2048)
+    stock.load_state_dict(net.Mixed_7c.state_dict())
+    assert not torch.allclose(net.Mixed_7c.eval()(x), stock.eval()(x))
+    bad = tmp_path / "bad.pth"
+    bad.write_bytes(b"not a state dict")
+    with pytest.raises(MaganError, match="--inception-weights"):
+        magan.load_inception("fid", str(bad))
+
+
+def test_kid_command_line(tmp_path):
+    torch.manual_seed(0)
+    weights = tmp_path / "inception.pth"
+    torch.save(magan.fid_inception_v3().state_dict(), weights)
+    result = subprocess.run(
+        [sys.executable, str(HERE / "magan.py"), "kid", "--real", str(HERE / "data" / "testA"),
+         "--fake", str(HERE / "data" / "testB"), "--inception-weights", str(weights), "--block-size", "5",
+         "--device", "cpu"], capture_output=True, text=True, cwd=HERE, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "KID×100 = " in result.stdout and "20 real, 20 fake" in result.stdout
+    missing = subprocess.run(
+        [sys.executable, str(HERE / "magan.py"), "kid", "--real", str(HERE / "data" / "testA"),
+         "--fake", str(HERE / "data" / "testB"), "--inception-weights", str(tmp_path / "nope.pth")],
+        capture_output=True, text=True, cwd=HERE, timeout=300)
+    assert missing.returncode == 2 and "--inception-weights PATH" in missing.stderr and "Traceback" not in missing.stderr
