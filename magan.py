@@ -800,11 +800,17 @@ def save_checkpoint(path: Path, nets: MAGAN, opt_G, opt_D, iteration: int, cfg: 
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        previous = f"the previous {path.name} is intact" if path.exists() else f"no {path.name} was written"
+        raise MaganError(f"could not write checkpoint {path} ({e}); {previous}. Free some disk space "
+                         f"or choose another --out, then --resume.") from None
 
 
 def load_checkpoint(path: str | Path) -> dict:
@@ -943,6 +949,9 @@ def train(cfg: Config, checkpoint: dict | None = None) -> Path:
         opt_D.load_state_dict(checkpoint["opt_D"])
         torch.set_rng_state(checkpoint["torch_rng"])
         start = checkpoint["iteration"]
+        if start >= cfg.iters:
+            raise MaganError(f"the checkpoint is already at iteration {start} and --iters is {cfg.iters}: "
+                             f"pass a larger --iters to train further")
         print(f"resuming {run} from iteration {start}", flush=True)
     if cfg.compile:
         for net in list(nets.children()) + ([vgg] if vgg is not None else []):

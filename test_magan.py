@@ -450,3 +450,209 @@ def test_kid_command_line(tmp_path):
          "--fake", str(HERE / "data" / "testB"), "--inception-weights", str(tmp_path / "nope.pth")],
         capture_output=True, text=True, cwd=HERE, timeout=300)
     assert missing.returncode == 2 and "--inception-weights PATH" in missing.stderr and "Traceback" not in missing.stderr
+
+
+# --- robustness: data ---------------------------------------------------------------------------
+
+def messy_folder(root: Path) -> Path:
+    """Good images in every odd mode, plus files that are not (readable) images."""
+    root.mkdir(parents=True)
+    good = Image.open(HERE / "data" / "trainA" / "0000.jpg")
+    good.save(root / "good.jpg")
+    good.convert("L").save(root / "grey.png")
+    good.convert("RGBA").save(root / "rgba.png")
+    good.convert("P").save(root / "palette.png")
+    Image.new("I;16", (40, 30), 40000).save(root / "sixteen_bit.png")
+    Image.new("RGB", (1, 1), (200, 10, 10)).save(root / "one_pixel.png")
+    Image.new("RGB", (4000, 3000), (10, 120, 200)).save(root / "huge.jpg", quality=70)
+    data = (root / "good.jpg").read_bytes()
+    (root / "truncated.jpg").write_bytes(data[: len(data) // 2])
+    (root / "zero_bytes.jpg").write_bytes(b"")
+    (root / "notes.txt").write_text("not an image")
+    return root
+
+
+def test_list_images_reports_and_skips_non_images(tmp_path, capsys):
+    folder = messy_folder(tmp_path / "messy")
+    files = [p.name for p in magan.list_images(folder)]
+    assert "notes.txt" not in files and "zero_bytes.jpg" not in files
+    assert "truncated.jpg" in files  # its header is fine: it fails only when decoded
+    out = capsys.readouterr().out
+    assert "notes.txt" in out and "zero_bytes.jpg" in out and "skipping 2" in out
+
+
+def test_dataset_converts_odd_modes_and_skips_truncated(tmp_path):
+    folder = messy_folder(tmp_path / "messy")
+    data = magan.UnpairedImages(folder, folder, 32, seed=0)
+    n = len(data.files[0])
+    skipped = set()
+    for k in range(n):
+        x_a, x_b, bad = data[k]
+        assert x_a.shape == x_b.shape == (3, 32, 32)
+        assert x_a.min() >= -1 and x_a.max() <= 1
+        skipped.update(bad)
+    assert len(skipped) == 1 and "truncated.jpg" in next(iter(skipped))
+    sixteen = magan.load_rgb(folder / "sixteen_bit.png")
+    assert sixteen.mode == "RGB" and sixteen.getpixel((0, 0)) == (156, 156, 156)  # 40000 / 256
+    rgba = magan.load_rgb(folder / "rgba.png")
+    assert rgba.mode == "RGB"
+
+
+def test_training_reports_a_bad_file_once(tmp_path, capsys):
+    folder = messy_folder(tmp_path / "messy")
+    n = len(magan.list_images(folder))
+    capsys.readouterr()
+    magan.train(tiny_config(tmp_path, a=str(folder), b=str(folder), iters=2 * n, log_every=100,
+                            sample_every=100, save_every=100, w_style=0, w_content=0))
+    out = capsys.readouterr().out
+    assert out.count("skipping unreadable image") == 1 and "truncated.jpg" in out
+
+
+@pytest.mark.parametrize("make,message", [
+    (lambda p: None, "does not exist"),
+    (lambda p: p.mkdir(), "no readable image"),
+    (lambda p: (p.mkdir(), (p / "a.txt").write_text("x"), (p / "b.jpg").write_bytes(b"")), "no readable image"),
+])
+def test_unusable_folders_are_clear_errors(tmp_path, make, message):
+    folder = tmp_path / "folder"
+    make(folder)
+    with pytest.raises(MaganError, match=message):
+        magan.train(tiny_config(tmp_path, a=str(folder)))
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_folder_of_only_undecodable_images_fails_before_training(tmp_path):
+    folder = tmp_path / "broken"
+    folder.mkdir()
+    data = (HERE / "data" / "trainA" / "0000.jpg").read_bytes()
+    for i in range(3):
+        (folder / f"{i}.jpg").write_bytes(data[: len(data) // 3])
+    with pytest.raises(MaganError, match="can be decoded"):
+        magan.train(tiny_config(tmp_path, b=str(folder)))
+
+
+# --- robustness: interruption, crashes, non-finite losses ---------------------------------------
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_signal_saves_and_exits_cleanly(tmp_path, sig):
+    import signal as signal_module
+    out = tmp_path / "run"
+    process = subprocess.Popen(
+        [sys.executable, str(HERE / "magan.py"), "train", "--size", "32", "--ch", "8", "--n-res", "1",
+         "--iters", "100000", "--log-every", "1", "--save-every", "100000", "--sample-every", "100000",
+         "--vgg-weights", "none", "--workers", "0", "--device", "cpu", "--out", str(out)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=HERE)
+    for line in process.stdout:
+        if line.startswith("[") and "/100000]" in line:
+            break
+    process.send_signal(getattr(signal_module, sig))
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 0, stderr
+    assert "saving" in stdout and "--resume" in stdout and "Traceback" not in stderr
+    ckpt = magan.load_checkpoint(out / "checkpoints" / "latest.pt")
+    assert ckpt["iteration"] >= 1 and f"stopped at iteration {ckpt['iteration']}" in stdout
+
+
+def test_crash_while_writing_keeps_latest_readable(tmp_path, monkeypatch):
+    run = magan.train(tiny_config(tmp_path, iters=2))
+    latest = run / "checkpoints" / "latest.pt"
+    before = latest.read_bytes()
+
+    def dying_save(obj, f):
+        f.write(b"half a checkpoint")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(magan.torch, "save", dying_save)
+    with pytest.raises(MaganError, match="previous latest.pt is intact"):
+        magan.train(tiny_config(tmp_path, iters=4, resume=True))
+    assert latest.read_bytes() == before
+    assert magan.load_checkpoint(latest)["iteration"] == 2
+    assert not list((run / "checkpoints").glob("*.tmp"))
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+    real_style_loss = magan.style_loss
+    calls = []
+
+    def style_loss_going_nan(a, b):  # called twice per iteration: NaN from iteration 3 on
+        calls.append(1)
+        return real_style_loss(a, b) * (float("nan") if len(calls) > 4 else 1.0)
+
+    monkeypatch.setattr(magan, "style_loss", style_loss_going_nan)
+    with pytest.raises(MaganError, match=r"style.*iteration 3") as error:
+        magan.train(tiny_config(tmp_path, iters=6, save_every=2))
+    assert "iteration 2" in str(error.value) and "--lr" in str(error.value)
+    ckpt = magan.load_checkpoint(tmp_path / "run" / "checkpoints" / "latest.pt")
+    assert ckpt["iteration"] == 2
+    assert all(torch.isfinite(v).all() for net in ckpt["nets"].values() for v in net.values() if v.is_floating_point())
+
+
+# --- robustness: checkpoints --------------------------------------------------------------------
+
+def test_truncated_random_and_foreign_checkpoints(trained_run, tmp_path):
+    good = (trained_run / "checkpoints" / "latest.pt").read_bytes()
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(good[: len(good) // 2])
+    with pytest.raises(MaganError, match="cannot be read"):
+        magan.load_checkpoint(truncated)
+    noise = tmp_path / "noise.pt"
+    noise.write_bytes(torch.randint(0, 256, (5000,), dtype=torch.uint8).numpy().tobytes())
+    with pytest.raises(MaganError, match="cannot be read"):
+        magan.load_checkpoint(noise)
+    # a checkpoint whose weights do not fit its config (another model configuration)
+    ckpt = magan.load_checkpoint(trained_run / "checkpoints" / "latest.pt")
+    ckpt["config"]["ch"] = 16
+    other = tmp_path / "other.pt"
+    torch.save(ckpt, other)
+    with pytest.raises(MaganError, match="does not fit"):
+        magan.load_generator(other, "a2b", torch.device("cpu"))
+
+
+class Payload:
+    """Stands for arbitrary code in a pickle: weights_only loading must refuse it."""
+    def __reduce__(self):
+        return (print, ("this must never run",))
+
+
+def test_checkpoint_with_code_is_refused(tmp_path, capsys):
+    evil = tmp_path / "evil.pt"
+    torch.save({"format": magan.CHECKPOINT_FORMAT, "payload": Payload()}, evil)
+    with pytest.raises(MaganError, match="cannot be read"):
+        magan.load_checkpoint(evil)
+    assert "this must never run" not in capsys.readouterr().out
+
+
+def test_resume_with_other_architecture_names_the_flag(trained_run, capsys):
+    code = magan.main(["train", "--out", str(trained_run), "--resume", "--ch", "16", "--device", "cpu"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "--ch is 16" in err and "trained with 8" in err
+
+
+def test_resume_of_a_finished_run_asks_for_more_iterations(trained_run):
+    with pytest.raises(MaganError, match="larger --iters"):
+        magan.train(tiny_config(trained_run.parent, out=str(trained_run), iters=2, resume=True))
+
+
+def test_new_run_refuses_to_overwrite(trained_run):
+    with pytest.raises(MaganError, match="--resume"):
+        magan.train(tiny_config(trained_run.parent, out=str(trained_run)))
+
+
+# --- robustness: arguments ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("argv,message", [
+    (["--size", "100"], "not a multiple of 32"),
+    (["--size", "0"], "not a multiple of 32"),
+    (["--iters", "0"], "must be a positive integer"),
+    (["--iters", "-5"], "must be a positive integer"),
+    (["--w-style", "-1"], "must be a finite number >= 0"),
+    (["--w-cam", "nan"], "must be a finite number >= 0"),
+    (["--device", "tpu"], "unknown device"),
+    (["--attention", "foo"], "invalid choice"),
+])
+def test_bad_arguments_are_parse_errors(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        magan.main(["train"] + argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
