@@ -931,6 +931,8 @@ def train(cfg: Config, checkpoint: dict | None = None) -> Path:
         check_architecture(cfg, checkpoint["config"])
     elif latest.exists():
         raise MaganError(f"{run} already holds a run: pass --resume to continue it, or choose another --out")
+    if not any(w > 0 for w in (cfg.w_adv, cfg.w_cycle, cfg.w_identity, cfg.w_cam, cfg.w_style, cfg.w_content)):
+        raise MaganError("every loss weight is 0: the generators would have nothing to learn")
     device = pick_device(cfg.device)
     fast = cfg.fast and device.type == "cuda"
     torch.manual_seed(cfg.seed)  # random VGG (smoke runs) and the networks' initial weights
@@ -973,6 +975,9 @@ def train(cfg: Config, checkpoint: dict | None = None) -> Path:
     print(f"training {cfg.iters} iterations on {device} ({'bf16 fast path' if fast else 'fp32'}); "
           f"{len(data.files[0])} + {len(data.files[1])} images; run folder {run}\n"
           f"(the G loss starts near 1e3 because the CAM term is weighted {cfg.w_cam:g})", flush=True)
+    if device.type == "cpu" and cfg.size >= 128:
+        print("note: on a CPU an iteration at this size takes many seconds; for a quick look try "
+              "--size 64 --ch 16 --n-res 2 --iters 2000", flush=True)
     reported_bad = set()
     nonfinite = None  # per loss term: has it been non-finite since the last check?
     last_saved = start
@@ -1314,6 +1319,71 @@ def kid_between_folders(real: str | Path, fake: str | Path, protocol: str = "blo
 
 
 # =================================================================================================
+# Benchmark: how fast is one full training iteration (D step + G step, every loss, VGG included)?
+# =================================================================================================
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def bench(cfg: Config, iters: int = 20, warmup: int = 5) -> list[dict]:
+    """Time `iters` training iterations after `warmup` ones, for the plain fp32 path and (on CUDA)
+    the fast path, plus the fast path under torch.compile with cfg.compile. Random images stand in
+    for data (the loader runs in worker processes, in parallel with the GPU) and a random VGG19 for
+    the ImageNet one (the same computation). Prints a table and returns its rows."""
+    device = pick_device(cfg.device)
+    modes = ["fp32"] + (["fast"] if device.type == "cuda" else [])
+    if cfg.compile:
+        modes.append(modes[-1] + "+compile")
+    nets = MAGAN(cfg)
+    print(f"MAGAN at {cfg.size}px, {'light' if cfg.light else 'full'}, ch {cfg.ch}, n_res {cfg.n_res}, "
+          f"attention {cfg.attention}, batch {cfg.batch} on {device}"
+          + (f" ({torch.cuda.get_device_name(device)}, torch {torch.__version__})" if device.type == "cuda" else
+             f" (torch {torch.__version__}, {torch.get_num_threads()} threads)"))
+    print(f"parameters: generator {count_parameters(nets.G_ab) / 1e6:.2f}M (x2), global D "
+          f"{count_parameters(nets.D_ga) / 1e6:.2f}M (x2), local D {count_parameters(nets.D_la) / 1e6:.2f}M (x2), "
+          f"total {count_parameters(nets) / 1e6:.2f}M; VGG19 to relu5_4 {count_parameters(vgg19_features()) / 1e6:.2f}M (frozen)")
+    rows = []
+    for mode in modes:
+        fast = mode.startswith("fast")
+        run_cfg = dataclasses.replace(cfg, fast=fast)
+        torch.manual_seed(cfg.seed)
+        vgg = VGGFeatures(vgg19_features()) if (cfg.w_style > 0 or cfg.w_content > 0) else None
+        nets, vgg, autocast = place_networks(MAGAN(cfg), vgg, device, fast)
+        opt_G, opt_D = make_optimizers(nets, run_cfg, device)
+        if mode.endswith("+compile"):
+            for net in list(nets.children()) + ([vgg] if vgg is not None else []):
+                net.compile()
+        x_a = to_device(torch.rand(cfg.batch, 3, cfg.size, cfg.size) * 2 - 1, device, fast)
+        x_b = to_device(torch.rand(cfg.batch, 3, cfg.size, cfg.size) * 2 - 1, device, fast)
+        synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+        start = time.perf_counter()
+        for _ in range(warmup):  # cuDNN autotuning, compilation, allocator warm-up
+            train_step(nets, vgg, opt_G, opt_D, x_a, x_b, run_cfg, autocast)
+        synchronize()
+        warmup_s = time.perf_counter() - start
+        start = time.perf_counter()
+        for _ in range(iters):
+            train_step(nets, vgg, opt_G, opt_D, x_a, x_b, run_cfg, autocast)
+        synchronize()
+        seconds = (time.perf_counter() - start) / iters
+        peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
+        rows.append(dict(mode=mode, it_per_s=1 / seconds, ms_per_iter=1000 * seconds, peak_gib=peak, warmup_s=warmup_s))
+        del nets, vgg, opt_G, opt_D
+    print(f"\n{'path':<18}{'it/s':>8}{'ms/iter':>10}{'peak GPU GiB':>14}{'warm-up s':>11}{'1M iterations':>16}{'speed-up':>10}")
+    for row in rows:
+        print(f"{row['mode']:<18}{row['it_per_s']:>8.2f}{row['ms_per_iter']:>10.1f}{row['peak_gib']:>14.2f}"
+              f"{row['warmup_s']:>11.1f}{format_seconds(1e6 / row['it_per_s']):>16}"
+              f"{rows[0]['ms_per_iter'] / row['ms_per_iter']:>9.2f}x")
+    if device.type != "cuda":
+        print("(the fast path is CUDA-only: on CPU training always runs the fp32 path)")
+    return rows
+
+
+# =================================================================================================
 # 10. Command line: `python magan.py train|translate|kid|bench`; train's flags come from Config.
 # =================================================================================================
 
@@ -1409,6 +1479,20 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--fake", required=True, help="folder of translated images")
     k.add_argument("--device", type=device_name, default="auto")
     add_kid_flags(k)
+
+    b = commands.add_parser("bench", help="time full training iterations: fp32 and fast path, peak memory",
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    b.add_argument("--size", type=image_size, default=256)
+    b.add_argument("--light", action=argparse.BooleanOptionalAction, default=True, help="light or --no-light")
+    b.add_argument("--full", dest="light", action="store_false", help="full mode (the paper's setting)")
+    b.add_argument("--ch", type=positive_int, default=64)
+    b.add_argument("--n-res", type=positive_int, default=4)
+    b.add_argument("--attention", choices=("ma", "cam", "sam", "none"), default="ma")
+    b.add_argument("--batch", type=positive_int, default=1)
+    b.add_argument("--device", type=device_name, default="auto")
+    b.add_argument("--iters", type=positive_int, default=20, help="timed iterations")
+    b.add_argument("--warmup", type=positive_int, default=5, help="untimed iterations first")
+    b.add_argument("--compile", action="store_true", help="also time the fast path under torch.compile")
     return parser
 
 
@@ -1455,6 +1539,10 @@ def main(argv: list[str] | None = None) -> int:
             translate(args.ckpt, args.input, args.out, args.direction, args.heatmaps, args.batch, args.device)
             if args.kid_against:
                 kid_between_folders(args.kid_against, args.out, **kid_args(args))
+        elif args.command == "bench":
+            cfg = Config(size=args.size, light=args.light, ch=args.ch, n_res=args.n_res, attention=args.attention,
+                         batch=args.batch, device=args.device, compile=args.compile)
+            bench(cfg, args.iters, args.warmup)
         elif args.command == "kid":
             kid_between_folders(args.real, args.fake, **kid_args(args))
     except MaganError as e:

@@ -656,3 +656,22 @@ def test_bad_arguments_are_parse_errors(argv, message, capsys):
         magan.main(["train"] + argv)
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+# --- bench --------------------------------------------------------------------------------------
+
+def test_bench_runs_and_counts_parameters(capsys):
+    cfg = Config(size=32, ch=8, n_res=1, device="cpu")
+    rows = magan.bench(cfg, iters=2, warmup=1)
+    assert [row["mode"] for row in rows] == ["fp32"]  # the fast path is CUDA-only
+    assert rows[0]["ms_per_iter"] > 0 and rows[0]["it_per_s"] == pytest.approx(1000 / rows[0]["ms_per_iter"])
+    out = capsys.readouterr().out
+    G = Generator(ch=8, n_res=1, size=32)
+    assert f"generator {sum(p.numel() for p in G.parameters()) / 1e6:.2f}M" in out
+    assert "1M iterations" in out and "fp32" in out
+
+
+def test_full_mode_mlp_size_matches_the_paper():
+    # U-GAT-IT full mode at 256 px, ch 64: the first MLP layer maps C·(S/4)² = 256·64·64 inputs to 256.
+    G = Generator(ch=64, n_res=4, size=256, light=False)
+    assert G.mlp[0].weight.numel() == 256 * 64 * 64 * 256  # 268,435,456
