@@ -922,6 +922,30 @@ def format_seconds(seconds: float) -> str:
 LOG_COLUMNS = ["iteration", "elapsed_s", "it_per_s", "lr", "D", "G", "adv", "cycle", "identity", "cam", "style", "content"]
 
 
+def progress_line(iteration: int, iters: int, speed: float, lr: float, values: dict[str, float]) -> str:
+    """[  1200/1000000]   3.10 it/s  ETA 3d17h..  lr 1.00e-04  D 1.9  G 1043 = adv 3.1  cycle 0.8  ..."""
+    eta = format_seconds((iters - iteration) / max(speed, 1e-9))
+    terms = "  ".join(f"{k} {values[k]:.4g}" for k in ("adv", "cycle", "identity", "cam", "style", "content"))
+    return (f"[{iteration:>{len(str(iters))}}/{iters}] {speed:6.2f} it/s  ETA {eta}  lr {lr:.2e}  "
+            f"D {values['D']:.4g}  G {values['G']:.4g} = {terms}")
+
+
+def open_log(path: Path, start: int):
+    """Open log.csv for appending after iteration `start`. Rows logged after the checkpoint we
+    resume from (the iterations an interruption lost) are dropped, so no iteration appears twice."""
+    rows = []
+    if start > 0 and path.exists():
+        with open(path, newline="") as f:
+            rows = [row for row in csv.reader(f)][1:]
+        rows = [row for row in rows if row and row[0].isdigit() and int(row[0]) <= start]
+    log_file = open(path, "w", newline="")
+    log = csv.writer(log_file)
+    log.writerow(LOG_COLUMNS)
+    log.writerows(rows)
+    log_file.flush()
+    return log_file, log
+
+
 def train(cfg: Config, checkpoint: dict | None = None) -> Path:
     """Train (or, with cfg.resume, continue) a run in cfg.out. Returns the run folder."""
     run = Path(cfg.out)
@@ -965,12 +989,7 @@ def train(cfg: Config, checkpoint: dict | None = None) -> Path:
         data, batch_size=cfg.batch, sampler=range(start * cfg.batch, cfg.iters * cfg.batch),
         num_workers=cfg.workers, collate_fn=collate_pairs, pin_memory=device.type == "cuda",
         worker_init_fn=ignore_sigint if cfg.workers else None, persistent_workers=False)
-    log_path = run / "log.csv"
-    new_log = not log_path.exists() or start == 0
-    log_file = open(log_path, "w" if new_log else "a", newline="")
-    log = csv.writer(log_file)
-    if new_log:
-        log.writerow(LOG_COLUMNS)
+    log_file, log = open_log(run / "log.csv", start)
 
     print(f"training {cfg.iters} iterations on {device} ({'bf16 fast path' if fast else 'fp32'}); "
           f"{len(data.files[0])} + {len(data.files[1])} images; run folder {run}\n"
@@ -1000,7 +1019,8 @@ def train(cfg: Config, checkpoint: dict | None = None) -> Path:
                 bad = ~torch.isfinite(torch.stack(list(losses.values())))
                 nonfinite = bad if nonfinite is None else nonfinite | bad
                 logging = iteration % cfg.log_every == 0 or iteration == cfg.iters
-                saving = iteration % cfg.save_every == 0 or iteration == cfg.iters or stop.requested
+                snapshot = iteration % cfg.snapshot_every == 0
+                saving = iteration % cfg.save_every == 0 or iteration == cfg.iters or snapshot or stop.requested
                 if device.type == "cpu" or logging or saving:
                     if nonfinite.any():
                         names = [n for n, b in zip(losses, nonfinite.tolist()) if b]
@@ -1013,12 +1033,8 @@ def train(cfg: Config, checkpoint: dict | None = None) -> Path:
                     now = time.time()
                     speed = (iteration - window_iter) / max(now - window_start, 1e-9)
                     window_start, window_iter = now, iteration
-                    values = {k: v.item() for k, v in losses.items()}
-                    eta = format_seconds((cfg.iters - iteration) / max(speed, 1e-9))
-                    print(f"[{iteration:>{len(str(cfg.iters))}}/{cfg.iters}] {speed:6.2f} it/s  ETA {eta}  "
-                          f"lr {lr:.2e}  D {values['D']:.4g}  G {values['G']:.4g} = "
-                          + "  ".join(f"{k} {values[k]:.4g}" for k in ("adv", "cycle", "identity", "cam", "style", "content")),
-                          flush=True)
+                    values = {k: v.item() for k, v in losses.items()}  # the only GPU sync
+                    print(progress_line(iteration, cfg.iters, speed, lr, values), flush=True)
                     log.writerow([iteration, round(now - t0, 2), round(speed, 4), lr] + [values[k] for k in LOG_COLUMNS[4:]])
                     log_file.flush()
                 if iteration % cfg.sample_every == 0 or iteration == cfg.iters:
@@ -1028,9 +1044,8 @@ def train(cfg: Config, checkpoint: dict | None = None) -> Path:
                 if saving:
                     save_checkpoint(latest, nets, opt_G, opt_D, iteration, cfg)
                     last_saved = iteration
-                    if iteration % cfg.snapshot_every == 0:
-                        snapshot = run / "checkpoints" / f"iter_{iteration:07d}.pt"
-                        save_checkpoint(snapshot, nets, opt_G, opt_D, iteration, cfg)
+                    if snapshot:
+                        save_checkpoint(run / "checkpoints" / f"iter_{iteration:07d}.pt", nets, opt_G, opt_D, iteration, cfg)
                 if stop.requested:
                     print(f"stopped at iteration {iteration}; saved {latest}.\n"
                           f"continue with: python magan.py train --out {run} --resume", flush=True)

@@ -251,6 +251,8 @@ def state_of(run: Path):
 def test_resume_gives_identical_weights(tmp_path):
     straight = magan.train(tiny_config(tmp_path / "a", iters=4, save_every=4))
     magan.train(tiny_config(tmp_path / "b", iters=2, save_every=2))
+    with open(tmp_path / "b" / "run" / "log.csv", "a") as log:  # a row logged after the last save,
+        log.write("3,1.0,1.0,0.0001,1,1,1,1,1,1,1,1\n")          # as an interrupted run leaves behind
     # continue the stopped run for 2 more iterations (the schedule must know the total is 4)
     resumed = magan.train(tiny_config(tmp_path / "b", iters=4, save_every=4, resume=True))
     one, two = state_of(straight), state_of(resumed)
@@ -261,6 +263,8 @@ def test_resume_gives_identical_weights(tmp_path):
     for opt in ("opt_G", "opt_D"):
         for pid, state in one[opt]["state"].items():
             assert torch.equal(state["exp_avg"], two[opt]["state"][pid]["exp_avg"])
+    logged = [int(row.split(",")[0]) for row in (tmp_path / "b" / "run" / "log.csv").read_text().splitlines()[1:]]
+    assert logged == [2, 4]  # the stale row 3 was dropped on resume; nothing is logged twice
 
 
 def test_train_command_line_writes_run_folder(tmp_path):
@@ -675,3 +679,46 @@ def test_full_mode_mlp_size_matches_the_paper():
     # U-GAT-IT full mode at 256 px, ch 64: the first MLP layer maps C·(S/4)² = 256·64·64 inputs to 256.
     G = Generator(ch=64, n_res=4, size=256, light=False)
     assert G.mlp[0].weight.numel() == 256 * 64 * 64 * 256  # 268,435,456
+
+
+def test_bf16_autocast_keeps_statistics_and_losses_in_fp32(tmp_path):
+    """The fast path's maths, checked on CPU (CPU autocast applies the same bf16 casts as CUDA's):
+    one iteration under bf16 autocast gives the fp32 losses up to bf16 rounding."""
+    cfg = tiny_config(tmp_path, size=64)
+    x_a, x_b = torch.rand(1, 3, 64, 64) * 2 - 1, torch.rand(1, 3, 64, 64) * 2 - 1
+    results = []
+    for autocast in (magan.nullcontext(), torch.autocast("cpu", dtype=torch.bfloat16)):
+        nets, vgg, opt_G, opt_D = make_step_objects(cfg, seed=0)
+        results.append(magan.train_step(nets, vgg, opt_G, opt_D, x_a, x_b, cfg, autocast))
+    fp32, bf16 = results
+    for name in ("D", "adv", "cycle", "identity", "cam"):
+        assert bf16[name].dtype == torch.float32
+        assert bf16[name].item() == pytest.approx(fp32[name].item(), rel=0.05), name
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        features = torch.randn(1, 8, 4, 4)
+        assert gram_matrix(features).dtype == torch.float32
+        h = torch.nn.functional.conv2d(torch.randn(1, 3, 8, 8), torch.randn(6, 3, 3, 3))
+        assert h.dtype == torch.bfloat16
+        assert AdaLIN(6)(h, torch.ones(1, 6), torch.zeros(1, 6)).dtype == torch.float32
+        assert magan.InstanceNorm(6)(h).dtype == torch.float32
+
+
+def test_translate_command_line_with_kid(trained_run, tmp_path):
+    torch.manual_seed(0)
+    weights = tmp_path / "inception.pth"
+    torch.save(magan.fid_inception_v3().state_dict(), weights)
+    out = tmp_path / "translated"
+    result = subprocess.run(
+        [sys.executable, str(HERE / "magan.py"), "translate", "--ckpt", str(trained_run / "checkpoints" / "latest.pt"),
+         "--input", str(HERE / "data" / "testA"), "--out", str(out), "--device", "cpu",
+         "--kid-against", str(HERE / "data" / "testB"), "--inception-weights", str(weights),
+         "--protocol", "subsets", "--subsets", "3", "--subset-size", "50"],
+        capture_output=True, text=True, cwd=HERE, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in (HERE / "data" / "testA").iterdir())
+    assert "translated 20/20" in result.stdout
+    assert "subset size reduced to 20" in result.stdout and "KID×100 = " in result.stdout
+    bad = subprocess.run(
+        [sys.executable, str(HERE / "magan.py"), "translate", "--ckpt", str(tmp_path / "nothing.pt"),
+         "--input", str(HERE / "data" / "testA"), "--out", str(out)], capture_output=True, text=True, cwd=HERE)
+    assert bad.returncode == 2 and "no checkpoint" in bad.stderr and "Traceback" not in bad.stderr
