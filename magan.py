@@ -82,7 +82,9 @@ class Config:
     p_dis: float = opt(1.0, "SAM exponent p in the discriminators (MAGAN: 1; Table 5)", type="positive_float")
     gan_loss: str = opt("lsgan", "adversarial loss: lsgan (U-GAT-IT's code) or bce (MAGAN's printed eq. 4)",
                         choices=("lsgan", "bce"))
-    # loss weights (0 switches a term off)
+    # loss weights (0 switches a term off). Adversarial, cycle, identity and CAM are U-GAT-IT's.
+    # MAGAN gives no weights for style and content; 1 is our default, not tuned (tuning needs the
+    # ImageNet VGG, which the machines this was written on cannot download).
     w_adv: float = opt(1.0, "weight of the adversarial loss, eq. 4", type="weight")
     w_cycle: float = opt(10.0, "weight of the pixel cycle L1 loss (U-GAT-IT)", type="weight")
     w_identity: float = opt(10.0, "weight of the identity L1 loss (U-GAT-IT)", type="weight")
@@ -98,8 +100,8 @@ class Config:
                                 "second half", type="positive_int")
     batch: int = opt(1, "batch size (the paper: 1)", type="positive_int")
     lr: float = opt(1e-4, "Adam learning rate", type="positive_float")
-    beta1: float = opt(0.5, "Adam beta1", type="weight")
-    beta2: float = opt(0.999, "Adam beta2", type="weight")
+    beta1: float = opt(0.5, "Adam beta1", type="fraction")
+    beta2: float = opt(0.999, "Adam beta2", type="fraction")
     weight_decay: float = opt(1e-4, "Adam weight decay", type="weight")
     # machinery
     device: str = opt("auto", "auto (CUDA when available), cpu, cuda or cuda:N", type="device_name")
@@ -118,7 +120,7 @@ class Config:
     resume: bool = opt(False, "continue the run in --out from checkpoints/latest.pt")
 
 
-# The fields that change the networks' shapes: a checkpoint only fits a model built with the same.
+# The fields that define the networks: a checkpoint only continues under the same values.
 ARCHITECTURE_FIELDS = ("size", "ch", "n_res", "light", "attention", "p_gen", "p_dis")
 
 
@@ -658,8 +660,11 @@ def load_vgg(spec: str) -> VGGFeatures | None:
 #   L_G = λ_adv L_adv + λ_cycle L_cycle + λ_id L_identity + λ_cam L_cam + λ_style L_style + λ_content L_rec
 #   L_D = λ_adv L_adv (real -> 1, fake -> 0, on patch and class logits of both Ds)   eq. (8)
 #
-# With λ_cam = 1000 the generator loss starts around 1e3: the CAM BCE is ~1.4 at initialisation.
-# That is expected, not divergence; it falls quickly once the attention classifiers learn.
+# Why λ_cam = 1000: the attention classifiers decide *where* the generator translates, and the
+# adversarial gradient that reaches the encoder is weak and noisy. U-GAT-IT weights the CAM BCE so
+# heavily that the classifiers become accurate in the first few thousand iterations, so the weight
+# maps (and the heatmaps) mean something early. Consequence: the generator loss starts around 1e3
+# (the CAM BCE is ~1.4 per direction at initialisation). That is expected, not divergence.
 # =================================================================================================
 
 def pick_device(name: str) -> torch.device:
@@ -757,17 +762,19 @@ def train_step(nets: MAGAN, vgg: VGGFeatures | None, opt_G, opt_D, x_a, x_b, cfg
         reconstruction_a = G_ba(fake_ab)[0]                   # x_a -> b -> a
         reconstruction_b = G_ab(fake_ba)[0]
         for D, fake in ((nets.D_gb, fake_ab), (nets.D_lb, fake_ab), (nets.D_ga, fake_ba), (nets.D_la, fake_ba)):
-            patch, cls, _ = D(fake)
+            patch, cls, _ = D(fake)                           # eq. (4), G's side: fakes should score "real"
             terms["adv"] = terms["adv"] + adversarial_loss(patch, True, cfg.gan_loss) + adversarial_loss(cls, True, cfg.gan_loss)
+        # U-GAT-IT's cycle ||G_ba(G_ab(x_a)) − x_a||_1 and identity ||G_ab(x_b) − x_b||_1 losses
         terms["cycle"] = F.l1_loss(reconstruction_a.float(), x_a) + F.l1_loss(reconstruction_b.float(), x_b)
         terms["identity"] = F.l1_loss(identity_a.float(), x_a) + F.l1_loss(identity_b.float(), x_b)
-        terms["cam"] = cam_loss(cam_ab[:B], cam_ab[B:]) + cam_loss(cam_ba[:B], cam_ba[B:])
+        terms["cam"] = cam_loss(cam_ab[:B], cam_ab[B:]) + cam_loss(cam_ba[:B], cam_ba[B:])  # eq. (7)
         if vgg is not None and (cfg.w_style > 0 or cfg.w_content > 0):
             # One VGG pass for the four generated images, one (without gradients) for their targets:
             # [G_ab(x_a), G_ba(G_ab(x_a)), G_ba(x_b), G_ab(G_ba(x_b))] against [x_b, x_a, x_a, x_b].
             fake4, fake5 = vgg(torch.cat([fake_ab, reconstruction_a, fake_ba, reconstruction_b]))
             with torch.no_grad():
                 real4, real5 = vgg(torch.cat([x_b, x_a, x_a, x_b]))
+            # eq. (5) on the translations, eq. (6) on the cycle reconstructions
             terms["style"] = (style_loss(fake4[:B], real4[:B]) + style_loss(fake4[2 * B:3 * B], real4[2 * B:3 * B]))
             terms["content"] = (content_loss(fake5[B:2 * B], real5[B:2 * B]) + content_loss(fake5[3 * B:], real5[3 * B:]))
     weights = dict(adv=cfg.w_adv, cycle=cfg.w_cycle, identity=cfg.w_identity, cam=cfg.w_cam,
@@ -1439,6 +1446,13 @@ def positive_float(text: str) -> float:
     return value
 
 
+def fraction(text: str) -> float:
+    value = float(text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"{text} must be in [0, 1)")
+    return value
+
+
 def device_name(text: str) -> str:
     kind, _, index = text.partition(":")
     if text in ("auto", "cpu", "cuda") or (kind == "cuda" and index.isdigit()):
@@ -1447,7 +1461,7 @@ def device_name(text: str) -> str:
 
 
 VALIDATORS = dict(image_size=image_size, positive_int=positive_int, nonneg_int=nonneg_int, weight=weight,
-                  positive_float=positive_float, device_name=device_name)
+                  positive_float=positive_float, fraction=fraction, device_name=device_name)
 
 
 def add_config_flags(parser: argparse.ArgumentParser, defaults: Config):

@@ -289,6 +289,14 @@ def test_train_command_line_writes_run_folder(tmp_path):
     assert ckpt["config"]["size"] == 32
 
 
+def test_samples_come_from_test_folders_beside_train(tmp_path):
+    assert magan.sample_folder(str(HERE / "data" / "trainA")) == HERE / "data" / "testA"
+    lonely = tmp_path / "trainA"
+    lonely.mkdir()
+    assert magan.sample_folder(str(lonely)) == lonely  # no testA beside it: samples from train
+    assert magan.sample_folder(str(tmp_path)) == tmp_path
+
+
 def test_no_arguments_prints_help():
     result = subprocess.run([sys.executable, str(HERE / "magan.py")], capture_output=True, text=True, cwd=HERE)
     assert result.returncode == 0 and "train" in result.stdout and "usage" in result.stdout
