@@ -74,7 +74,7 @@ class Config:
     n_res: int = opt(4, "residual blocks in the generator's encoder and decoder (the paper: 4)",
                      type="positive_int")
     light: bool = opt(True, "light mode: the gamma/beta MLP reads the global-average-pooled attention "
-                            "map (fits a 12 GB GPU at 256 px). --full is the paper's setting "
+                            "map (so that a 12 GB GPU can train at 256 px). --full is the paper's setting "
                             "(flattened map, ~268M weights per generator at 256 px)")
     attention: str = opt("ma", "attention: ma = GMP+GAP+SAM (MAGAN), cam = GMP+GAP (U-GAT-IT), "
                                "sam = SAM only, none (MAGAN Table 4)", choices=("ma", "cam", "sam", "none"))
@@ -518,7 +518,9 @@ class Discriminator(nn.Module):
 
 
 class MAGAN(nn.Module):
-    """The six networks of one run: two generators and, per domain, a global and a local D."""
+    """The six networks of one run: two generators and, per domain, a global and a local D.
+    Initialisation: PyTorch's defaults (Kaiming-uniform), as U-GAT-IT's PyTorch code uses, rather
+    than N(0, 0.02); spectral norm rescales every D weight anyway."""
 
     def __init__(self, cfg: Config):
         super().__init__()
