@@ -1350,23 +1350,37 @@ def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
+def peak_memory_gib(device: torch.device) -> float:
+    """CUDA: the most memory tensors have held (since the last reset). CPU: the process's peak
+    resident memory, a rough stand-in (it also counts Python and libraries). NaN where unknown."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    try:
+        import resource  # Unix only
+    except ImportError:
+        return float("nan")
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
 def bench(cfg: Config, iters: int = 20, warmup: int = 5) -> list[dict]:
     """Time `iters` training iterations after `warmup` ones, for the plain fp32 path and (on CUDA)
     the fast path, plus the fast path under torch.compile with cfg.compile. Random images stand in
     for data (the loader runs in worker processes, in parallel with the GPU) and a random VGG19 for
     the ImageNet one (the same computation). Prints a table and returns its rows."""
     device = pick_device(cfg.device)
+    host_baseline = peak_memory_gib(device) if device.type == "cpu" else 0.0
     modes = ["fp32"] + (["fast"] if device.type == "cuda" else [])
     if cfg.compile:
         modes.append(modes[-1] + "+compile")
-    nets = MAGAN(cfg)
+    model = MAGAN(cfg)  # only counted here, and freed before the timed runs build their own
     print(f"MAGAN at {cfg.size}px, {'light' if cfg.light else 'full'}, ch {cfg.ch}, n_res {cfg.n_res}, "
           f"attention {cfg.attention}, batch {cfg.batch} on {device}"
           + (f" ({torch.cuda.get_device_name(device)}, torch {torch.__version__})" if device.type == "cuda" else
              f" (torch {torch.__version__}, {torch.get_num_threads()} threads)"))
-    print(f"parameters: generator {count_parameters(nets.G_ab) / 1e6:.2f}M (x2), global D "
-          f"{count_parameters(nets.D_ga) / 1e6:.2f}M (x2), local D {count_parameters(nets.D_la) / 1e6:.2f}M (x2), "
-          f"total {count_parameters(nets) / 1e6:.2f}M; VGG19 to relu5_4 {count_parameters(vgg19_features()) / 1e6:.2f}M (frozen)")
+    print(f"parameters: generator {count_parameters(model.G_ab) / 1e6:.2f}M (x2), global D "
+          f"{count_parameters(model.D_ga) / 1e6:.2f}M (x2), local D {count_parameters(model.D_la) / 1e6:.2f}M (x2), "
+          f"total {count_parameters(model) / 1e6:.2f}M; VGG19 to relu5_4 {count_parameters(vgg19_features()) / 1e6:.2f}M (frozen)")
+    del model
     rows = []
     for mode in modes:
         fast = mode.startswith("fast")
@@ -1394,16 +1408,18 @@ def bench(cfg: Config, iters: int = 20, warmup: int = 5) -> list[dict]:
             train_step(nets, vgg, opt_G, opt_D, x_a, x_b, run_cfg, autocast)
         synchronize()
         seconds = (time.perf_counter() - start) / iters
-        peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
+        peak = peak_memory_gib(device) - host_baseline
         rows.append(dict(mode=mode, it_per_s=1 / seconds, ms_per_iter=1000 * seconds, peak_gib=peak, warmup_s=warmup_s))
         del nets, vgg, opt_G, opt_D
-    print(f"\n{'path':<18}{'it/s':>8}{'ms/iter':>10}{'peak GPU GiB':>14}{'warm-up s':>11}{'1M iterations':>16}{'speed-up':>10}")
+    print(f"\n{'path':<18}{'it/s':>8}{'ms/iter':>10}{'peak GiB':>14}{'warm-up s':>11}{'1M iterations':>16}{'speed-up':>10}")
     for row in rows:
         print(f"{row['mode']:<18}{row['it_per_s']:>8.2f}{row['ms_per_iter']:>10.1f}{row['peak_gib']:>14.2f}"
               f"{row['warmup_s']:>11.1f}{format_seconds(1e6 / row['it_per_s']):>16}"
               f"{rows[0]['ms_per_iter'] / row['ms_per_iter']:>9.2f}x")
     if device.type != "cuda":
-        print("(the fast path is CUDA-only: on CPU training always runs the fp32 path)")
+        print("(the fast path is CUDA-only: on CPU training always runs the fp32 path. Peak GiB on CPU is\n"
+              " the growth of the process's peak resident memory since the start of the bench, cumulative\n"
+              " over rows: a rough upper bound on what the fp32 path would need on a GPU)")
     return rows
 
 
