@@ -1562,9 +1562,9 @@ def kid_args(args: argparse.Namespace) -> dict:
                 inception_weights=args.inception_weights, device=args.device, batch=args.kid_batch)
 
 
-def config_from_args(args: argparse.Namespace, **defaults) -> Config:
-    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config) if hasattr(args, f.name)}
-    return Config(**{**defaults, **given})
+def given_flags(args: argparse.Namespace) -> dict:
+    """The Config fields set on the command line (unset flags are absent, see add_config_flags)."""
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(Config) if hasattr(args, f.name)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1575,11 +1575,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         if args.command == "train":
-            cfg = config_from_args(args)
-            checkpoint = None
+            given = given_flags(args)
+            cfg, checkpoint = Config(**given), None
             if cfg.resume:  # flags not given on the command line come from the checkpoint
                 checkpoint = load_checkpoint(Path(cfg.out) / "checkpoints" / "latest.pt")
-                given = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config) if hasattr(args, f.name)}
                 cfg = config_from_checkpoint(checkpoint, **given)
             train(cfg, checkpoint)
         elif args.command == "translate":

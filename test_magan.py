@@ -641,6 +641,17 @@ def test_resume_with_other_architecture_names_the_flag(trained_run, capsys):
     assert "--ch is 16" in err and "trained with 8" in err
 
 
+def test_command_line_resume_takes_unrepeated_flags_from_the_checkpoint(trained_run, tmp_path, capsys):
+    import shutil
+    run = tmp_path / "copy"
+    shutil.copytree(trained_run, run)
+    assert magan.main(["train", "--out", str(run), "--resume", "--iters", "3"]) == 0
+    ckpt = magan.load_checkpoint(run / "checkpoints" / "latest.pt")
+    assert ckpt["iteration"] == 3
+    assert (ckpt["config"]["size"], ckpt["config"]["ch"], ckpt["config"]["vgg_weights"]) == (32, 8, "random")
+    assert "resuming" in capsys.readouterr().out
+
+
 def test_resume_of_a_finished_run_asks_for_more_iterations(trained_run):
     with pytest.raises(MaganError, match="larger --iters"):
         magan.train(tiny_config(trained_run.parent, out=str(trained_run), iters=2, resume=True))
