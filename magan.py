@@ -628,7 +628,8 @@ VGG19_URL = "https://download.pytorch.org/models/vgg19-dcbb9e9d.pth"  # torchvis
 
 VGG_HELP = """The style and content losses (eq. 5-6) need VGG19 ImageNet weights, and they could not be
 loaded ({reason}). Fixes:
-  * on a machine with internet, run once so torchvision downloads them to {cache}
+  * with internet, run once: torchvision downloads them to {cache}
+    (or copy vgg19-dcbb9e9d.pth from another machine into that folder)
   * --vgg-weights PATH    a torchvision VGG19 state dict (vgg19-dcbb9e9d.pth) you copied here
   * --vgg-weights none    train without the perceptual losses (U-GAT-IT's objective)
   * --vgg-weights random  random VGG features: offline smoke runs only, NOT the paper"""
@@ -1271,7 +1272,8 @@ FID_INCEPTION_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/
                      "pt_inception-2015-12-05-6726825d.pth")
 
 INCEPTION_HELP = """KID needs the FID Inception weights, and they could not be loaded ({reason}). Fixes:
-  * on a machine with internet, run once so they are downloaded to {cache}
+  * with internet, run once: they are downloaded to {cache}
+    (or copy pt_inception-2015-12-05-6726825d.pth from another machine into that folder)
   * --inception-weights PATH   pt_inception-2015-12-05-6726825d.pth (pytorch-fid's release) copied here
   * --inception imagenet       torchvision's ImageNet Inception (numbers NOT comparable with the papers')"""
 

@@ -207,6 +207,23 @@ def test_vgg_layers_are_relu4_4_and_relu5_4():
     assert not any(p.requires_grad for p in vgg.parameters())
 
 
+def test_vgg_weights_from_a_torchvision_state_dict_and_clear_error_when_missing(tmp_path):
+    torch.manual_seed(0)
+    features = magan.vgg19_features()
+    state = {f"features.{k}": v for k, v in features.state_dict().items()}  # torchvision's key names
+    state["classifier.0.weight"] = torch.zeros(1)  # a whole VGG19 file also holds its classifier
+    path = tmp_path / "vgg19.pth"
+    torch.save(state, path)
+    vgg = magan.load_vgg(str(path))
+    assert torch.equal(vgg.to_relu5_4[-2].weight, features[34].weight)  # conv5_4
+    with pytest.raises(MaganError) as error:
+        magan.train(tiny_config(tmp_path, vgg_weights=str(tmp_path / "missing.pth")))
+    for fix in ("--vgg-weights PATH", "--vgg-weights none", "--vgg-weights random", "NOT the paper"):
+        assert fix in str(error.value)
+    assert not (tmp_path / "run").exists()  # failed before training started
+    assert magan.load_vgg("none") is None
+
+
 def test_learning_rate_schedule():
     cfg = Config(iters=100, lr=1.0)
     assert magan.learning_rate(0, cfg) == 1.0 and magan.learning_rate(49, cfg) == 1.0
