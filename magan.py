@@ -150,6 +150,12 @@ def to_tensor(im: Image.Image) -> torch.Tensor:
     return x.permute(2, 0, 1).float().div(127.5).sub(1.0)
 
 
+def to_pil(x: torch.Tensor) -> Image.Image:
+    """(3, H, W) tensor in [-1, 1] -> PIL RGB (the inverse of to_tensor, rounding to 8 bits)."""
+    x = x.detach().float().clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8)
+    return Image.fromarray(x.permute(1, 2, 0).contiguous().cpu().numpy())
+
+
 def list_images(folder: str | Path) -> list[Path]:
     """Sorted image files of a folder. Files Pillow cannot identify (text, zero bytes, ...) are
     reported once by name and skipped; a folder with no image at all is an error."""
@@ -635,6 +641,14 @@ loaded ({reason}). Fixes:
   * --vgg-weights random  random VGG features: offline smoke runs only, NOT the paper"""
 
 
+def fetch_state_dict(url: str, path: str | None = None) -> dict:
+    """A state dict from a local file, or else from `url` through the torch cache (downloaded once).
+    Loaded with weights_only=True: a weights file is untrusted input."""
+    if path:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    return torch.hub.load_state_dict_from_url(url, map_location="cpu", weights_only=True)
+
+
 def load_vgg(spec: str) -> VGGFeatures | None:
     """`spec`: imagenet | PATH | none | random (see the --vgg-weights help)."""
     if spec == "none":
@@ -644,10 +658,7 @@ def load_vgg(spec: str) -> VGGFeatures | None:
         return VGGFeatures(features)
     cache = Path(torch.hub.get_dir()) / "checkpoints"
     try:
-        if spec == "imagenet":
-            state = torch.hub.load_state_dict_from_url(VGG19_URL, map_location="cpu", weights_only=True)
-        else:
-            state = torch.load(spec, map_location="cpu", weights_only=True)
+        state = fetch_state_dict(VGG19_URL, None if spec == "imagenet" else spec)
         if any(k.startswith("features.") for k in state):  # a whole torchvision VGG19
             state = {k[len("features."):]: v for k, v in state.items() if k.startswith("features.")}
         features.load_state_dict(state)
@@ -894,10 +905,9 @@ def sample_grid(G_forward: Generator, G_backward: Generator, x: torch.Tensor) ->
 
 def save_image_grid(images: torch.Tensor, path: Path, ncol: int):
     """Save (N, 3, S, S) images in [-1, 1] as one PNG with `ncol` columns and 2-px gutters."""
-    grid = make_grid(images.detach().float().cpu().clamp(-1, 1) * 0.5 + 0.5, nrow=ncol, padding=2, pad_value=1)
-    array = grid.mul(255).round().to(torch.uint8).permute(1, 2, 0).contiguous()
+    grid = make_grid(images.detach().float().cpu().clamp(-1, 1), nrow=ncol, padding=2, pad_value=1)
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(array.numpy()).save(path)
+    to_pil(grid).save(path)
 
 
 # --- The loop -----------------------------------------------------------------------------------
@@ -1113,14 +1123,13 @@ def translate(ckpt: str | Path, input_path: str | Path, out: str | Path, directi
         if not images:
             continue
         fake, _, heatmap = G(torch.stack(images).to(device))  # (n, 3, S, S), _, (n, 1, S/4, S/4)
-        pixels = fake.float().clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
-        colours = colorize(heatmap, cfg.size).add(1).mul(127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
-        for name, image, colour in zip(names, pixels, colours):
-            Image.fromarray(image.numpy()).save(out / name, quality=95)  # quality: only read for JPEG
+        colours = colorize(heatmap, cfg.size)                  # (n, 3, S, S)
+        for name, image, colour in zip(names, fake, colours):
+            to_pil(image).save(out / name, quality=95)         # quality: only read for JPEG
             written.append(out / name)
             if heatmaps:
                 (out / "heatmaps").mkdir(exist_ok=True)
-                Image.fromarray(colour.numpy()).save(out / "heatmaps" / (Path(name).stem + ".png"))
+                to_pil(colour).save(out / "heatmaps" / (Path(name).stem + ".png"))
         done = min(first + batch, len(files))
         print(f"translated {done}/{len(files)} images ({done / max(time.time() - start, 1e-9):.1f} img/s)", flush=True)
     return written
@@ -1281,19 +1290,14 @@ INCEPTION_HELP = """KID needs the FID Inception weights, and they could not be l
 def load_inception(kind: str = "fid", weights: str | None = None) -> InceptionFeatures:
     """kind: fid (the papers' features) or imagenet (torchvision's weights, not comparable)."""
     cache = Path(torch.hub.get_dir()) / "checkpoints"
+    if kind == "imagenet":
+        print("warning: torchvision's ImageNet Inception gives KID values that are NOT comparable "
+              "with the papers' tables (they used the FID Inception)", flush=True)
+        net, url = inception_v3(weights=None, aux_logits=True, init_weights=False), Inception_V3_Weights.IMAGENET1K_V1.url
+    else:
+        net, url = fid_inception_v3(), FID_INCEPTION_URL
     try:
-        if kind == "imagenet":
-            print("warning: torchvision's ImageNet Inception gives KID values that are NOT comparable "
-                  "with the papers' tables (they used the FID Inception)", flush=True)
-            net = inception_v3(weights=None, aux_logits=True, init_weights=False)
-            state = (torch.load(weights, map_location="cpu", weights_only=True) if weights else
-                     torch.hub.load_state_dict_from_url(Inception_V3_Weights.IMAGENET1K_V1.url, map_location="cpu",
-                                                        weights_only=True))
-        else:
-            net = fid_inception_v3()
-            state = (torch.load(weights, map_location="cpu", weights_only=True) if weights else
-                     torch.hub.load_state_dict_from_url(FID_INCEPTION_URL, map_location="cpu", weights_only=True))
-        net.load_state_dict(state)
+        net.load_state_dict(fetch_state_dict(url, weights))
     except Exception as e:
         reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
         raise MaganError(INCEPTION_HELP.format(reason=reason, cache=cache)) from None
