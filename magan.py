@@ -36,6 +36,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -78,8 +79,8 @@ class Config:
                             "(flattened map, ~268M weights per generator at 256 px)")
     attention: str = opt("ma", "attention: ma = GMP+GAP+SAM (MAGAN), cam = GMP+GAP (U-GAT-IT), "
                                "sam = SAM only, none (MAGAN Table 4)", choices=("ma", "cam", "sam", "none"))
-    p_gen: float = opt(2.0, "SAM exponent p in the generators (MAGAN: 2; Table 5)", type="positive_float")
-    p_dis: float = opt(1.0, "SAM exponent p in the discriminators (MAGAN: 1; Table 5)", type="positive_float")
+    p_gen: float = opt(2.0, "SAM exponent p >= 1 in the generators (MAGAN: 2; Table 5)", type="sam_exponent")
+    p_dis: float = opt(1.0, "SAM exponent p >= 1 in the discriminators (MAGAN: 1; Table 5)", type="sam_exponent")
     gan_loss: str = opt("lsgan", "adversarial loss: lsgan (U-GAT-IT's code) or bce (MAGAN's printed eq. 4)",
                         choices=("lsgan", "bce"))
     # loss weights (0 switches a term off). Adversarial, cycle, identity and CAM are U-GAT-IT's.
@@ -233,9 +234,12 @@ def collate_pairs(samples):
     return x_a, x_b, [name for s in samples for name in s[2]]
 
 
-def ignore_sigint(_worker_id):
-    """Data workers leave Ctrl-C to the main process, which saves a checkpoint before exiting."""
+def ignore_stop_signals(_worker_id):
+    """Data workers leave Ctrl-C and SIGTERM to the main process, which saves a checkpoint and then
+    shuts them down. `timeout`, SLURM (scancel, preemption) and systemd signal the whole process
+    group: a worker that died of the signal would crash the main process before it could save."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def fixed_images(folder: str | Path, n: int, size: int) -> torch.Tensor:
@@ -288,9 +292,10 @@ def layer_instance_norm(x: torch.Tensor, rho: torch.Tensor, eps: float = 1e-5) -
 
 class AdaLIN(nn.Module):
     """Adaptive layer-instance norm: γ and β come from the attention features (one per sample).
-    ρ starts at 0.9 (U-GAT-IT's code; its text says "close to 1"): instance norm dominates early."""
+    ρ starts at 1 (pure instance norm), as U-GAT-IT's text says. Its TensorFlow code also stores 1
+    but mixes with clip(ρ − 0.1), so 0.9 in effect and never more; its PyTorch port starts at 0.9."""
 
-    def __init__(self, channels: int, rho_init: float = 0.9):
+    def __init__(self, channels: int, rho_init: float = 1.0):
         super().__init__()
         self.rho = nn.Parameter(torch.full((1, channels, 1, 1), rho_init))
 
@@ -346,8 +351,14 @@ class InstanceNorm(nn.InstanceNorm2d):
 # each position (p=2 in G favours the most active regions; p=1 in D spreads attention, §2.2).
 # =================================================================================================
 
+class AttentionOutput(NamedTuple):
+    features: torch.Tensor  # a(x): (B, C, h, w), eq. (2)
+    logits: torch.Tensor    # Γ(x): (B, n_angles), eq. (1)
+    heatmap: torch.Tensor   # Σ_c a(x): (B, 1, h, w), for pictures
+
+
 class MultiAngleAttention(nn.Module):
-    """Returns (attention feature map a (B, C, h, w), class logits (B, n_angles), heatmap (B, 1, h, w)).
+    """Returns AttentionOutput(features a (B, C, h, w), class logits (B, n_angles), heatmap (B, 1, h, w)).
 
     `grid` is the training-time side h = w of θ: SAM's classifier has one weight per position.
     `angles`: "ma" (GAP, GMP, SAM), "cam" (GAP, GMP), "sam", or "none" (θ passes straight to the
@@ -358,20 +369,28 @@ class MultiAngleAttention(nn.Module):
     def __init__(self, channels: int, grid: int, angles: str = "ma", p: float = 2.0,
                  spectral: bool = False, leaky: bool = False):
         super().__init__()
+        if p < 1:
+            raise ValueError(f"SAM exponent p = {p}: use p >= 1 (|θ|^p has an infinite gradient at 0 for p < 1)")
         maybe_sn = spectral_norm if spectral else (lambda m: m)
         n_inputs = {"gap": channels, "gmp": channels, "sam": grid * grid}
         self.fc = nn.ModuleDict({name: maybe_sn(nn.Linear(n_inputs[name], 1, bias=False))
                                  for name in self.ANGLES[angles]})
         self.grid, self.p = grid, p
         n_maps = max(1, len(self.fc))
-        self.conv1x1 = maybe_sn(nn.Conv2d(n_maps * channels, channels, 1))
+        # The 1x1 conv is not spectrally normalised, in G or D: U-GAT-IT's Tables 5-6 list SN on
+        # every conv of D except this one (and its code leaves it out too).
+        self.conv1x1 = nn.Conv2d(n_maps * channels, channels, 1)
         self.act = nn.LeakyReLU(0.2) if leaky else nn.ReLU()
 
     def sam_weight_map(self, h: int, w: int) -> torch.Tensor:
         """SAM's classifier weights ω_γ as a (h, w) map. Its classifier is tied to the training
-        grid; on another grid (translating at another size) the map is resized bilinearly."""
+        grid; on another grid (translating at another size, eval mode only) the map is resized
+        bilinearly. In training that would silently train a resized copy, so it is an error."""
         weight = self.fc["sam"].weight.view(1, 1, self.grid, self.grid)
         if (h, w) != (self.grid, self.grid):
+            if self.training:
+                raise ValueError(f"SAM was built for a {self.grid}x{self.grid} feature grid and got {h}x{w}: "
+                                 f"train at the size the network was built for (only eval mode resizes)")
             weight = F.interpolate(weight, size=(h, w), mode="bilinear", align_corners=False)
         return weight.view(h, w)
 
@@ -390,9 +409,14 @@ class MultiAngleAttention(nn.Module):
             maps.append(theta * weight.view(1, C, 1, 1))           # a_α: (B, C, h, w)
         if "sam" in self.fc:
             gamma = theta.float().abs().pow(self.p).sum(dim=1)     # γ = Σ_n |θ_n|^p: (B, h, w)
-            # Choice: γ is scaled to unit L2 norm per sample (as in activation-based attention
-            # transfer). Raw γ grows like |θ|^p times C and would swamp the other two logits.
-            gamma = F.normalize(gamma.flatten(1), dim=1)           # (B, h*w)
+            # Choice: γ is scaled to unit root-mean-square per sample. Raw γ grows like C·|θ|^p and
+            # would swamp the other two logits. Unit *L2 norm* (as in activation-based attention
+            # transfer) is too small: under spectral norm |ω_γ| = 1, so ξ_γ = ω_γ·γ would be stuck
+            # in [-1, 1] and D could not reach the LSGAN targets (measured: a D trained alone kept
+            # its SAM loss at 0.47, real and fake logits 0.46 vs 0.42; with unit RMS 0.22, 0.74
+            # vs 0.27). Unit RMS is unit L2 norm times sqrt(h·w).
+            gamma = gamma.flatten(1)                               # (B, h*w)
+            gamma = gamma * torch.rsqrt(gamma.square().mean(dim=1, keepdim=True) + 1e-12)
             weight = self.sam_weight_map(h, w)                     # ω_γ: (h, w)
             logits.append(gamma @ weight.reshape(-1, 1).to(gamma.dtype))  # ξ_γ: (B, 1)
             maps.append(theta * weight.to(theta.dtype))            # a_γ: (B, C, h, w)
@@ -401,7 +425,7 @@ class MultiAngleAttention(nn.Module):
         a = self.act(self.conv1x1(torch.cat(maps, dim=1)))         # (B, n*C, h, w) -> (B, C, h, w)
         heatmap = a.sum(dim=1, keepdim=True)                       # (B, 1, h, w)
         logits = torch.cat(logits, dim=1) if logits else theta.new_zeros(B, 0)  # Γ(x): (B, n_angles)
-        return a, logits, heatmap
+        return AttentionOutput(a, logits, heatmap)
 
 
 # =================================================================================================
@@ -439,8 +463,14 @@ class AdaLINResBlock(nn.Module):
         return x + self.norm2(self.conv2(h), gamma, beta)
 
 
+class GeneratorOutput(NamedTuple):
+    image: torch.Tensor     # the translation: (B, 3, S, S) in [-1, 1]
+    logits: torch.Tensor    # the attention's class logits Γ_G(x): (B, n_angles)
+    heatmap: torch.Tensor   # (B, 1, S/4, S/4)
+
+
 class Generator(nn.Module):
-    """G: (B, 3, S, S) -> (translated image (B, 3, S, S), class logits (B, n_angles), heatmap (B, 1, S/4, S/4))."""
+    """G: (B, 3, S, S) -> GeneratorOutput(image (B, 3, S, S), logits (B, n_angles), heatmap (B, 1, S/4, S/4))."""
 
     def __init__(self, ch: int = 64, n_res: int = 4, size: int = 256, light: bool = True,
                  attention: str = "ma", p: float = 2.0):
@@ -456,7 +486,7 @@ class Generator(nn.Module):
         self.attention = MultiAngleAttention(C, grid, attention, p)
         # γ, β MLP. Full mode reads the whole (C, S/4, S/4) map: C·(S/4)²·C weights in its first
         # layer (268M at S=256, ch=64). Light mode reads its global average: C·C weights.
-        self.light = light
+        self.light, self.grid = light, grid
         self.mlp = nn.Sequential(nn.Linear(C if light else C * grid * grid, C, bias=False), nn.ReLU(),
                                  nn.Linear(C, C, bias=False), nn.ReLU())
         self.to_gamma = nn.Linear(C, C, bias=False)
@@ -472,7 +502,13 @@ class Generator(nn.Module):
         self.decoder = nn.Sequential(*layers)
 
     def forward(self, x):                                # x: (B, 3, S, S)
+        if x.shape[-2] % 4 or x.shape[-1] % 4:
+            raise ValueError(f"image size {tuple(x.shape[-2:])} is not a multiple of 4: the generator "
+                             f"halves it twice and doubles it twice")
         theta = self.encoder(x)                          # θ: (B, C, S/4, S/4)
+        if not self.light and theta.shape[-2:] != (self.grid, self.grid):
+            raise ValueError(f"full mode reads the whole attention map, so it only runs at the size it was "
+                             f"built for ({4 * self.grid} px), not {x.shape[-2]}x{x.shape[-1]}")
         a, logits, heatmap = self.attention(theta)       # a: (B, C, S/4, S/4), logits: (B, n_angles)
         style = a.mean(dim=(2, 3)) if self.light else a.flatten(1)  # (B, C) or (B, C·(S/4)²)
         style = self.mlp(style)                          # (B, C)
@@ -480,7 +516,7 @@ class Generator(nn.Module):
         h = a
         for block in self.res_blocks:
             h = block(h, gamma, beta)                    # (B, C, S/4, S/4)
-        return self.decoder(h), logits, heatmap          # (B, 3, S, S)
+        return GeneratorOutput(self.decoder(h), logits, heatmap)  # image: (B, 3, S, S)
 
 
 # =================================================================================================
@@ -500,8 +536,14 @@ def global_depth(size: int) -> int:
     return min(5, int(math.log2(size)) - 2)
 
 
+class DiscriminatorOutput(NamedTuple):
+    patch: torch.Tensor     # Φ(z): real/fake logits per patch, (B, 1, h-1, w-1)
+    logits: torch.Tensor    # the attention's class logits Γ_D(z): (B, n_angles)
+    heatmap: torch.Tensor   # (B, 1, h, w)
+
+
 class Discriminator(nn.Module):
-    """D: (B, 3, S, S) -> (patch logits (B, 1, h-1, w-1), class logits (B, n_angles), heatmap (B, 1, h, w)),
+    """D: (B, 3, S, S) -> DiscriminatorOutput(patch logits (B, 1, h-1, w-1), class logits (B, n_angles), heatmap (B, 1, h, w)),
     with h = S / 2^n_down - 1 the attention grid."""
 
     def __init__(self, ch: int = 64, n_down: int = 5, size: int = 256, attention: str = "ma", p: float = 1.0):
@@ -520,7 +562,7 @@ class Discriminator(nn.Module):
     def forward(self, x):                                # x: (B, 3, S, S)
         theta = self.encoder(x)                          # (B, C, S/2^n - 1, S/2^n - 1)
         a, logits, heatmap = self.attention(theta)
-        return self.classifier(a), logits, heatmap       # Φ(z): (B, 1, S/2^n - 2, S/2^n - 2)
+        return DiscriminatorOutput(self.classifier(a), logits, heatmap)  # Φ(z): (B, 1, S/2^n - 2, S/2^n - 2)
 
 
 class MAGAN(nn.Module):
@@ -603,7 +645,12 @@ def vgg19_features() -> nn.Sequential:
         if v == "M":
             layers.append(nn.MaxPool2d(2, 2))
         else:
-            layers += [nn.Conv2d(c_in, v, 3, padding=1), nn.ReLU(inplace=True)]
+            conv = nn.Conv2d(c_in, v, 3, padding=1)
+            # torchvision's VGG initialisation (the ImageNet weights replace it). With PyTorch's
+            # default init the deep features of a random VGG hardly depend on the image.
+            nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
+            nn.init.zeros_(conv.bias)
+            layers += [conv, nn.ReLU(inplace=True)]
             c_in = v
     return nn.Sequential(*layers)
 
@@ -689,10 +736,10 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def make_optimizers(nets: MAGAN, cfg: Config, device: torch.device):
+def make_optimizers(nets: MAGAN, cfg: Config, fast: bool):
     """Adam(lr, betas=(0.5, 0.999), weight_decay=1e-4) for the two generators and the four Ds.
-    On CUDA the fused kernel updates all parameters in a few launches instead of one per tensor."""
-    fused = device.type == "cuda" and cfg.fast
+    On the fast path the fused kernel updates all parameters in a few launches instead of one per tensor."""
+    fused = fast
     def adam(networks):
         params = [p for net in networks for p in net.parameters()]
         return torch.optim.Adam(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
@@ -701,7 +748,8 @@ def make_optimizers(nets: MAGAN, cfg: Config, device: torch.device):
 
 
 def place_networks(nets: MAGAN, vgg: VGGFeatures | None, device: torch.device, fast: bool):
-    """Move the networks to the device. With `fast` (CUDA only), also:
+    """Move the networks to the device. With `fast` (training uses it on CUDA; the tests also
+    force it on CPU), also:
     - channels_last: cuDNN's fastest tensor-core convolutions work on NHWC; with NCHW tensors every
       convolution would pay for two layout transposes;
     - cudnn.benchmark: our input size never changes, so timing the algorithms once pays off;
@@ -716,8 +764,9 @@ def place_networks(nets: MAGAN, vgg: VGGFeatures | None, device: torch.device, f
         return nets, vgg, nullcontext()
     nets = nets.to(memory_format=torch.channels_last)
     vgg = vgg.to(memory_format=torch.channels_last) if vgg is not None else None
-    torch.backends.cudnn.benchmark = True
-    return nets, vgg, torch.autocast("cuda", dtype=torch.bfloat16)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    return nets, vgg, torch.autocast(device.type, dtype=torch.bfloat16)
 
 
 def to_device(x: torch.Tensor, device: torch.device, fast: bool) -> torch.Tensor:
@@ -805,6 +854,41 @@ def train_step(nets: MAGAN, vgg: VGGFeatures | None, opt_G, opt_D, x_a, x_b, cfg
 # --- Checkpoints --------------------------------------------------------------------------------
 
 CHECKPOINT_FORMAT = "magan-checkpoint-v1"
+KERNEL_FLAGS = ("fused", "foreach", "capturable", "differentiable")  # how Adam runs, not what it knows
+
+
+def optimizer_state(opt: torch.optim.Optimizer) -> dict:
+    """The optimizer's state dict in a form any device and path can load: every tensor contiguous
+    on the CPU, and no kernel flags. A fast-path run keeps channels_last moments and a fused
+    kernel, whose `step` lives on the GPU; a CPU or --no-fast run must not inherit either."""
+    state = opt.state_dict()
+    for per_param in state["state"].values():
+        for key, value in per_param.items():
+            if torch.is_tensor(value):
+                per_param[key] = value.detach().to("cpu").contiguous()
+    for group in state["param_groups"]:
+        for flag in KERNEL_FLAGS:
+            group.pop(flag, None)
+    return state
+
+
+def load_optimizer_state(opt: torch.optim.Optimizer, state: dict):
+    """Load a state saved by any run (either path, any device) into this run's optimizer: this
+    run's kernel flags stay, and each moment takes its parameter's device, dtype and memory
+    layout. (`load_state_dict` alone would restore the saved run's flags and layouts.)"""
+    own_flags = [{flag: group[flag] for flag in KERNEL_FLAGS if flag in group} for group in opt.param_groups]
+    opt.load_state_dict(state)
+    for group, flags in zip(opt.param_groups, own_flags):
+        for flag in KERNEL_FLAGS:
+            group.pop(flag, None)
+        group.update(flags)
+        on_device = bool(group.get("fused") or group.get("capturable"))
+        for p in group["params"]:
+            for key, value in opt.state.get(p, {}).items():
+                if key == "step":  # fused/capturable kernels keep it on the device, the others on the CPU
+                    opt.state[p][key] = value.float().to(p.device if on_device else "cpu")
+                elif torch.is_tensor(value) and value.shape == p.shape:
+                    opt.state[p][key] = torch.empty_like(p).copy_(value)  # p's device, dtype, layout
 
 
 def save_checkpoint(path: Path, nets: MAGAN, opt_G, opt_D, iteration: int, cfg: Config):
@@ -815,8 +899,8 @@ def save_checkpoint(path: Path, nets: MAGAN, opt_G, opt_D, iteration: int, cfg: 
         "iteration": iteration,
         "config": dataclasses.asdict(cfg),
         "nets": {name: net.state_dict() for name, net in nets.named_children()},
-        "opt_G": opt_G.state_dict(),
-        "opt_D": opt_D.state_dict(),
+        "opt_G": optimizer_state(opt_G),
+        "opt_D": optimizer_state(opt_D),
         "torch_rng": torch.get_rng_state(),
     }
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -917,16 +1001,16 @@ class StopOnSignal:
     A second Ctrl-C aborts at once (the last saved checkpoint is still intact)."""
 
     def __enter__(self):
-        self.requested = False
+        self.requested = None  # the name of the first signal received
         self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
         return self
 
     def _handle(self, signum, frame):
+        # No print here: a signal that lands while the loop is printing would make print re-enter
+        # itself ("reentrant call") and crash. The loop announces the stop when it sees the flag.
         if self.requested:
             raise KeyboardInterrupt
-        self.requested = True
-        print(f"\n{signal.Signals(signum).name} received: finishing this iteration and saving "
-              f"(press Ctrl-C again to abort without saving)", flush=True)
+        self.requested = signal.Signals(signum).name
 
     def __exit__(self, *exc):
         for s, handler in self.previous.items():
@@ -987,12 +1071,12 @@ def train(cfg: Config, checkpoint: dict | None = None) -> Path:
                "b2a": fixed_images(sample_folder(cfg.b), cfg.n_samples, cfg.size).to(device)}
 
     nets, vgg, autocast = place_networks(MAGAN(cfg), vgg, device, fast)
-    opt_G, opt_D = make_optimizers(nets, cfg, device)
+    opt_G, opt_D = make_optimizers(nets, cfg, fast)
     start = 0
     if cfg.resume:
         load_networks(dict(nets.named_children()), checkpoint)
-        opt_G.load_state_dict(checkpoint["opt_G"])
-        opt_D.load_state_dict(checkpoint["opt_D"])
+        load_optimizer_state(opt_G, checkpoint["opt_G"])
+        load_optimizer_state(opt_D, checkpoint["opt_D"])
         torch.set_rng_state(checkpoint["torch_rng"])
         start = checkpoint["iteration"]
         if start >= cfg.iters:
@@ -1008,7 +1092,7 @@ def train(cfg: Config, checkpoint: dict | None = None) -> Path:
     loader = torch.utils.data.DataLoader(
         data, batch_size=cfg.batch, sampler=range(start * cfg.batch, cfg.iters * cfg.batch),
         num_workers=cfg.workers, collate_fn=collate_pairs, pin_memory=device.type == "cuda",
-        worker_init_fn=ignore_sigint if cfg.workers else None, persistent_workers=False)
+        worker_init_fn=ignore_stop_signals if cfg.workers else None, persistent_workers=False)
     log_file, log = open_log(run / "log.csv", start)
 
     print(f"training {cfg.iters} iterations on {device} ({'bf16 fast path' if fast else 'fp32'}); "
@@ -1061,7 +1145,10 @@ def train(cfg: Config, checkpoint: dict | None = None) -> Path:
                     for direction, (G_fwd, G_bwd) in (("a2b", (nets.G_ab, nets.G_ba)), ("b2a", (nets.G_ba, nets.G_ab))):
                         grid = sample_grid(G_fwd, G_bwd, samples[direction])
                         save_image_grid(grid, run / "samples" / f"{direction}_{iteration:07d}.png", ncol=4)
-                if saving:
+                if saving or stop.requested:  # a signal may have come while sampling or logging
+                    if stop.requested:
+                        print(f"\n{stop.requested} received: saving iteration {iteration} "
+                              f"(press Ctrl-C again to abort without saving)", flush=True)
                     save_checkpoint(latest, nets, opt_G, opt_D, iteration, cfg)
                     last_saved = iteration
                     if snapshot:
@@ -1099,13 +1186,19 @@ def input_files(path: str | Path) -> list[Path]:
 
 @torch.no_grad()
 def translate(ckpt: str | Path, input_path: str | Path, out: str | Path, direction: str = "a2b",
-              heatmaps: bool = False, batch: int = 8, device: str = "auto") -> list[Path]:
+              heatmaps: bool = False, batch: int = 8, device: str = "auto", size: int | None = None) -> list[Path]:
     """Translate every image under `input_path` and write each under its own file name in `out`
     (what a KID tool expects); with `heatmaps`, the attention heatmap goes to out/heatmaps/.
     Inputs of any size and mode are converted to RGB and resized to the training size S: the
     generator runs where it was trained. Returns the written paths."""
     device = pick_device(device)
     G, cfg = load_generator(ckpt, direction, device)
+    size = size or cfg.size
+    if size % 32:
+        raise MaganError(f"--size {size} is not a multiple of 32")
+    if size != cfg.size and not cfg.light:
+        raise MaganError(f"this checkpoint is a full-mode model: it only translates at its training size "
+                         f"{cfg.size} (its MLP reads the whole {cfg.size // 4}x{cfg.size // 4} attention map)")
     files = input_files(input_path)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -1114,7 +1207,7 @@ def translate(ckpt: str | Path, input_path: str | Path, out: str | Path, directi
         names, images = [], []
         for path in files[first:first + batch]:
             try:
-                im = load_rgb(path, cfg.size).resize((cfg.size, cfg.size), Image.Resampling.BILINEAR)
+                im = load_rgb(path, size).resize((size, size), Image.Resampling.BILINEAR)
             except Exception as e:
                 print(f"skipping unreadable image {path} ({type(e).__name__})", flush=True)
                 continue
@@ -1123,7 +1216,7 @@ def translate(ckpt: str | Path, input_path: str | Path, out: str | Path, directi
         if not images:
             continue
         fake, _, heatmap = G(torch.stack(images).to(device))  # (n, 3, S, S), _, (n, 1, S/4, S/4)
-        colours = colorize(heatmap, cfg.size)                  # (n, 3, S, S)
+        colours = colorize(heatmap, size)                      # (n, 3, S, S)
         for name, image, colour in zip(names, fake, colours):
             to_pil(image).save(out / name, quality=95)         # quality: only read for JPEG
             written.append(out / name)
@@ -1179,6 +1272,8 @@ def kid_from_features(real: torch.Tensor, fake: torch.Tensor, protocol: str = "b
              replacement (torch.Generator seeded with `seed`); std = population std over the subsets."""
     real, fake = real.double(), fake.double()
     n_real, n_fake = len(real), len(fake)
+    if min(n_real, n_fake) < 2:
+        raise ValueError(f"KID needs at least 2 images in each set; got {n_real} real and {n_fake} fake")
     if protocol == "blocks":
         n_blocks = math.ceil(max(n_real, n_fake) / block_size)
         if min(n_real, n_fake) < 2 * n_blocks:
@@ -1189,8 +1284,12 @@ def kid_from_features(real: torch.Tensor, fake: torch.Tensor, protocol: str = "b
         std = (values.var(correction=1) / n_blocks).sqrt() if n_blocks > 1 else torch.tensor(float("nan"))
         return values.mean().item(), std.item()
     if protocol == "subsets":
-        if subset_size > min(n_real, n_fake) or subset_size < 2:
-            raise ValueError(f"subset_size {subset_size} must be between 2 and the smaller set ({min(n_real, n_fake)})")
+        if not 2 <= subset_size < min(n_real, n_fake):
+            raise ValueError(
+                f"subset size {subset_size} must be at least 2 and smaller than the smaller set "
+                f"({min(n_real, n_fake)} images): subsets as large as the set are all the whole set, and "
+                f"their spread (the ±) would be 0. Pass a smaller --subset-size, or use --protocol blocks "
+                f"(the papers' estimator, made for test sets of ~100 images)")
         g = torch.Generator().manual_seed(seed)
         values = torch.stack([mmd2_unbiased(real[torch.randperm(n_real, generator=g)[:subset_size]],
                                             fake[torch.randperm(n_fake, generator=g)[:subset_size]])
@@ -1320,6 +1419,8 @@ def inception_features(files: list[Path], net: InceptionFeatures, device: torch.
             images.append(F.interpolate(x[None], size=(299, 299), mode="bilinear", align_corners=False)[0])
         if images:
             features.append(net(torch.stack(images).to(device)).double().cpu())
+    if not features:
+        raise MaganError(f"no image in {files[0].parent if files else 'the folder'} could be decoded")
     return torch.cat(features)
 
 
@@ -1329,15 +1430,17 @@ def kid_between_folders(real: str | Path, fake: str | Path, protocol: str = "blo
     """KID×1 between two image folders, printed ×100 as the papers do. The file lists are shuffled
     with `seed` first, so the blocks do not follow a sorted listing. Returns (mean, std)."""
     dev = pick_device(device)
-    net = load_inception(inception, inception_weights)
     lists = []
     for folder in (real, fake):
         files = list_images(folder)
         lists.append([files[i] for i in torch.randperm(len(files), generator=torch.Generator().manual_seed(seed))])
+    smaller = min(len(files) for files in lists)
+    if protocol == "subsets" and subset_size >= smaller:
+        raise MaganError(f"--subset-size {subset_size} is not smaller than the smaller folder ({smaller} images): "
+                         f"every subset would be the whole set and the ± would be 0. Pass --subset-size "
+                         f"{max(2, smaller // 2)}, or use --protocol blocks (the papers' estimator)")
+    net = load_inception(inception, inception_weights)
     real_features, fake_features = (inception_features(files, net, dev, batch) for files in lists)
-    if protocol == "subsets" and subset_size > min(len(real_features), len(fake_features)):
-        subset_size = min(len(real_features), len(fake_features))
-        print(f"note: subset size reduced to {subset_size}, the size of the smaller set", flush=True)
     try:
         mean, std = kid_from_features(real_features, fake_features, protocol, block_size, subsets, subset_size, seed)
     except ValueError as e:
@@ -1394,7 +1497,7 @@ def bench(cfg: Config, iters: int = 20, warmup: int = 5) -> list[dict]:
         torch.manual_seed(cfg.seed)
         vgg = VGGFeatures(vgg19_features()) if (cfg.w_style > 0 or cfg.w_content > 0) else None
         nets, vgg, autocast = place_networks(MAGAN(cfg), vgg, device, fast)
-        opt_G, opt_D = make_optimizers(nets, run_cfg, device)
+        opt_G, opt_D = make_optimizers(nets, run_cfg, fast)
         if mode.endswith("+compile"):
             for net in list(nets.children()) + ([vgg] if vgg is not None else []):
                 net.compile()
@@ -1470,6 +1573,15 @@ def positive_float(text: str) -> float:
     return value
 
 
+def sam_exponent(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value) or value < 1:
+        raise argparse.ArgumentTypeError(
+            f"{text}: the SAM exponent p must be at least 1 (|θ|^p with p < 1 has an infinite gradient "
+            f"where θ = 0, and ReLU features are exactly 0 often)")
+    return value
+
+
 def fraction(text: str) -> float:
     value = float(text)
     if not 0 <= value < 1:
@@ -1485,7 +1597,8 @@ def device_name(text: str) -> str:
 
 
 VALIDATORS = dict(image_size=image_size, positive_int=positive_int, nonneg_int=nonneg_int, weight=weight,
-                  positive_float=positive_float, fraction=fraction, device_name=device_name)
+                  positive_float=positive_float, fraction=fraction, device_name=device_name,
+                  sam_exponent=sam_exponent)
 
 
 def add_config_flags(parser: argparse.ArgumentParser, defaults: Config):
@@ -1522,6 +1635,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--heatmaps", action="store_true", help="also write the attention heatmaps to OUT/heatmaps/")
     t.add_argument("--batch", type=positive_int, default=8, help="images per forward pass")
     t.add_argument("--device", type=device_name, default="auto")
+    t.add_argument("--size", type=image_size, help="run the generator at this size (default: the training "
+                                                   "size; light mode only)")
     t.add_argument("--kid-against", metavar="DIR", help="then score the translations against the real "
                                                         "target-domain images in DIR (e.g. testB)")
     add_kid_flags(t)
@@ -1588,7 +1703,8 @@ def main(argv: list[str] | None = None) -> int:
                 cfg = config_from_checkpoint(checkpoint, **given)
             train(cfg, checkpoint)
         elif args.command == "translate":
-            translate(args.ckpt, args.input, args.out, args.direction, args.heatmaps, args.batch, args.device)
+            translate(args.ckpt, args.input, args.out, args.direction, args.heatmaps, args.batch, args.device,
+                      args.size)
             if args.kid_against:
                 kid_between_folders(args.kid_against, args.out, **kid_args(args))
         elif args.command == "bench":
