@@ -1,24 +1,38 @@
 """
 MAGAN: unsupervised image-to-image translation with multi-angle attention, in one file.
 
-Read top to bottom, this file is a tutorial of the paper. It follows the paper's order:
+    MAGAN   Multi-angle attention GAN for unsupervised image-to-image translation (the paper this
+            file implements; its equations are numbered "MAGAN (n)" below).
+    U-GAT-IT  J. Kim, M. Kim, H. Kang, K. Lee. Unsupervised Generative Attentional Networks with
+            Adaptive Layer-Instance Normalization for Image-to-Image Translation. ICLR 2020.
+            MAGAN builds on it: "U-GAT-IT (n)".
+    AGGAN   H. Tang, D. Xu, N. Sebe, Y. Yan. Attention-Guided Generative Adversarial Networks for
+            Unsupervised Image-to-Image Translation. IJCNN 2019 (mask fusion, --mask-fusion).
+    SAT     C. Yang, T. Kim, R. Wang, H. Peng, C.-C. J. Kuo. Show, Attend and Translate:
+            Unsupervised Image Translation with Self-Regularization and Attention (--w-selfreg).
 
-    1. data                      (CycleGAN folder layout, augmentation of U-GAT-IT appendix B.2)
-    2. normalisation layers      (U-GAT-IT §2.1.1: AdaLIN and LIN)
-    3. multi-angle attention     (MAGAN §2.1, eq. 1-2: GMP + GAP + SAM)
-    4. generator                 (MAGAN §2.1, U-GAT-IT appendix Table 4)
-    5. discriminator             (MAGAN §2.2, eq. 3, U-GAT-IT Tables 5-6)
-    6. losses                    (MAGAN §2.3, eq. 4-8, U-GAT-IT §2.2)
-    7. training                  (MAGAN §3.3, U-GAT-IT appendix B.2)
-    8. translation               (apply a trained generator to a folder)
-    9. KID                       (MAGAN §3.5.1: the papers' evaluation metric)
-   10. benchmark and command line
+Two generators translate between unpaired domains A and B (G_ab: A -> B, G_ba: B -> A). Each
+looks at its encoder's features from three "angles" (global max pooling, global average pooling,
+and a spatial activation map), learns which channels and positions tell the domains apart, and
+re-weights the features there before decoding. Per domain, a global and a local discriminator
+use the same attention. Read top to bottom, this file is a tutorial of the paper:
 
-Where the paper is ambiguous we follow the project's reading (SPEC.md); each such choice is
-stated in a comment beside the code that makes it. Images live in [-1, 1] everywhere.
+    Part I, the model        1 normalisation  2 attention  3 generator  4 discriminator  5 losses
+    Part II, running it      6 data  7 config  8 training  9 translation  10 KID  11 command line
+    Appendices               A benchmark  B the FID Inception network
 
-    python magan.py train                         # trains on the small bundled dataset in data/
-    python magan.py train --a trainA --b trainB   # trains on your own folders
+    python magan.py train                          # a quick demo on the bundled data in data/
+    python magan.py train --data horse2zebra       # the paper's setting on a CycleGAN-layout folder
+    python magan.py translate --ckpt runs/NAME/checkpoints/latest.pt --input photos --out out
+
+Where we depart from the papers (each is explained where it is made):
+  * least-squares adversarial loss, as U-GAT-IT's code (MAGAN prints the BCE form: --gan-loss bce);
+  * the spatial activation map γ is scaled to unit root-mean-square before its classifier;
+  * MAGAN's eq. 7 is garbled in print: the generators' class logits get U-GAT-IT's CAM loss;
+  * light mode by default (U-GAT-IT's --light; the paper's full mode is --full);
+  * below 128 px the global discriminator stops at a 4x4 grid instead of S/32;
+  * PyTorch's default weight initialisation, as U-GAT-IT's PyTorch code.
+Images are tensors in [-1, 1] everywhere.
 """
 
 from __future__ import annotations
@@ -27,6 +41,7 @@ import argparse
 import csv
 import dataclasses
 import hashlib
+import html
 import json
 import math
 import os
@@ -39,9 +54,10 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageOps
 from torch.nn.utils.parametrizations import spectral_norm
 from torchvision.models import Inception_V3_Weights, inception_v3
 from torchvision.models.inception import InceptionA, InceptionC, InceptionE
@@ -49,93 +65,531 @@ from torchvision.utils import make_grid
 
 
 class MaganError(Exception):
-    """A problem the user can fix (bad folder, missing weights, wrong checkpoint...).
-    The command line prints its message without a traceback."""
+    """A problem the user can fix (bad folder, missing weights, wrong checkpoint...). The command
+    line prints its message without a traceback. The model itself raises plain ValueErrors."""
 
 
-# -------------------------------------------------------------------------------------------------
-# Configuration. Every default is the paper's (except `light`, see SPEC.md), and the command line
-# is generated from this dataclass: each field becomes a flag, `n_res` becomes `--n-res`.
-# -------------------------------------------------------------------------------------------------
+# #################################################################################################
+#
+#                                       PART I: THE MODEL
+#
+# #################################################################################################
 
-def opt(default, help, **argparse_kwargs):
-    """A config field with its help text (and optionally a `type=` validator or `choices=`)."""
-    return field(default=default, metadata=dict(help=help, **argparse_kwargs))
+# =================================================================================================
+# 1. Normalisation layers (U-GAT-IT §2.1.1, eq. 1)
+# =================================================================================================
+# Instance norm (IN) removes each channel's own mean and variance: it keeps the content's layout
+# and erases its local style. Layer norm (LN) normalises the whole feature map at once: it leaves
+# the channels' relative statistics, i.e. the style, free to change globally. U-GAT-IT lets the
+# network choose the mix per channel with a learnt ρ; that choice is what lets it change shapes
+# (selfie -> anime) and not only textures. The statistics are computed in fp32 even when the
+# rest of the network runs in bf16: a bf16 variance of a large feature map loses its low bits.
 
+def layer_instance_norm(x: torch.Tensor, rho: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """ρ · â_I + (1 − ρ) · â_L for x: (B, C, H, W) and ρ: (1, C, 1, 1).
 
-@dataclass
-class Config:
-    # data and run folder
-    a: str = opt("data/trainA", "folder of domain-A training images (testA beside it is used for samples)")
-    b: str = opt("data/trainB", "folder of domain-B training images (testB beside it is used for samples)")
-    out: str = opt("runs/magan", "run folder: config.json, log.csv, samples/, checkpoints/")
-    size: int = opt(256, "image size S, a multiple of 32 (the paper: 256)", type="image_size")
-    # model (U-GAT-IT appendix Tables 4-6; MAGAN §2.1-2.2)
-    ch: int = opt(64, "base width of every network (the paper: 64)", type="positive_int")
-    n_res: int = opt(4, "residual blocks in the generator's encoder and decoder (the paper: 4)",
-                     type="positive_int")
-    light: bool = opt(True, "light mode: the gamma/beta MLP reads the global-average-pooled attention "
-                            "map (so that a 12 GB GPU can train at 256 px). --full is the paper's setting "
-                            "(flattened map, ~268M weights per generator at 256 px)")
-    attention: str = opt("ma", "attention: ma = GMP+GAP+SAM (MAGAN), cam = GMP+GAP (U-GAT-IT), "
-                               "sam = SAM only, none (MAGAN Table 4)", choices=("ma", "cam", "sam", "none"))
-    p_gen: float = opt(2.0, "SAM exponent p >= 1 in the generators (MAGAN: 2; Table 5)", type="sam_exponent")
-    p_dis: float = opt(1.0, "SAM exponent p >= 1 in the discriminators (MAGAN: 1; Table 5)", type="sam_exponent")
-    gan_loss: str = opt("lsgan", "adversarial loss: lsgan (U-GAT-IT's code) or bce (MAGAN's printed eq. 4)",
-                        choices=("lsgan", "bce"))
-    # loss weights (0 switches a term off). Adversarial, cycle, identity and CAM are U-GAT-IT's.
-    # MAGAN gives no weights for style and content; 1 is our default, not tuned (tuning needs the
-    # ImageNet VGG, which the machines this was written on cannot download).
-    w_adv: float = opt(1.0, "weight of the adversarial loss, eq. 4", type="weight")
-    w_cycle: float = opt(10.0, "weight of the pixel cycle L1 loss (U-GAT-IT)", type="weight")
-    w_identity: float = opt(10.0, "weight of the identity L1 loss (U-GAT-IT)", type="weight")
-    w_cam: float = opt(1000.0, "weight of the generator's category (CAM) loss, eq. 7", type="weight")
-    w_style: float = opt(1.0, "weight of the Gram style loss on VGG19 relu4_4, eq. 5", type="weight")
-    w_content: float = opt(1.0, "weight of the content loss on VGG19 relu5_4, eq. 6", type="weight")
-    vgg_weights: str = opt("imagenet", "VGG19 for the style/content losses: imagenet (torchvision, "
-                                       "downloaded once to the torch cache), PATH to a torchvision VGG19 "
-                                       "state dict, none (no perceptual losses), or random (offline smoke "
-                                       "runs only: NOT the paper)")
-    # optimisation (MAGAN §3.3)
-    iters: int = opt(1_000_000, "training iterations; the learning rate decays linearly to 0 over the "
-                                "second half", type="positive_int")
-    batch: int = opt(1, "batch size (the paper: 1)", type="positive_int")
-    lr: float = opt(1e-4, "Adam learning rate", type="positive_float")
-    beta1: float = opt(0.5, "Adam beta1", type="fraction")
-    beta2: float = opt(0.999, "Adam beta2", type="fraction")
-    weight_decay: float = opt(1e-4, "Adam weight decay", type="weight")
-    # machinery
-    device: str = opt("auto", "auto (CUDA when available), cpu, cuda or cuda:N", type="device_name")
-    seed: int = opt(0, "random seed: weights, data order and augmentation all follow from it", type=int)
-    fast: bool = opt(True, "on CUDA: bf16 autocast (norm statistics and losses in fp32), channels_last, "
-                           "fused Adam. Ignored on CPU")
-    compile: bool = opt(False, "torch.compile the six networks (slow start, see `bench`)")
-    workers: int = opt(4, "data-loading worker processes (0 = load in the main process)",
-                       type="nonneg_int")
-    log_every: int = opt(100, "print and log the losses every N iterations", type="positive_int")
-    sample_every: int = opt(1000, "write sample grids every N iterations", type="positive_int")
-    save_every: int = opt(1000, "write checkpoints/latest.pt every N iterations", type="positive_int")
-    snapshot_every: int = opt(100_000, "keep a copy checkpoints/iter_N.pt every N iterations",
-                              type="positive_int")
-    n_samples: int = opt(4, "test images per sample grid", type="positive_int")
-    resume: bool = opt(False, "continue the run in --out from checkpoints/latest.pt")
+    Biased variances, as nn.InstanceNorm2d, nn.LayerNorm and U-GAT-IT's TensorFlow code
+    (tf.nn.moments); its PyTorch port uses the unbiased torch.var, which differs by a factor
+    HW / (HW − 1) and makes ρ = 1 slightly different from the encoder's instance norm."""
+    x = x.float()
+    # U-GAT-IT (1):  â_I = (a − μ_I) / √(σ_I² + ε),  â_L = (a − μ_L) / √(σ_L² + ε)
+    var_i, mean_i = torch.var_mean(x, dim=(2, 3), keepdim=True, correction=0)     # per channel: (B, C, 1, 1)
+    var_l, mean_l = torch.var_mean(x, dim=(1, 2, 3), keepdim=True, correction=0)  # per sample: (B, 1, 1, 1)
+    x_i = (x - mean_i) * torch.rsqrt(var_i + eps)
+    x_l = (x - mean_l) * torch.rsqrt(var_l + eps)
+    return rho * x_i + (1 - rho) * x_l
 
 
-# The fields that define the networks: a checkpoint only continues under the same values.
-ARCHITECTURE_FIELDS = ("size", "ch", "n_res", "light", "attention", "p_gen", "p_dis")
+class AdaLIN(nn.Module):
+    """Adaptive layer-instance norm, U-GAT-IT (1):  AdaLIN(a, γ, β) = γ · (ρ · â_I + (1 − ρ) · â_L) + β.
+
+    γ and β are not parameters of this layer: the generator computes them from its attention
+    features, one pair per sample (that is what makes it "adaptive"). ρ starts at 1 (pure
+    instance norm), as U-GAT-IT's text says. (Its TensorFlow code also stores 1 but mixes with
+    clip(ρ − 0.1), so 0.9 in effect and never more; its PyTorch port starts at 0.9.)"""
+
+    def __init__(self, channels: int, rho_init: float = 1.0):
+        super().__init__()
+        self.rho = nn.Parameter(torch.full((1, channels, 1, 1), rho_init))
+
+    def forward(self, x, gamma, beta):  # x: (B, C, H, W); gamma, beta: (B, C)
+        return layer_instance_norm(x, self.rho) * gamma[:, :, None, None] + beta[:, :, None, None]
+
+
+class LIN(nn.Module):
+    """Layer-instance norm of the up-sampling blocks: the same mix with learnt γ and β. ρ starts at
+    0 (pure layer norm), as U-GAT-IT says: the up-sampling layers draw the target domain's global
+    style, which layer norm leaves free."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.rho = nn.Parameter(torch.zeros(1, channels, 1, 1))
+        self.gamma = nn.Parameter(torch.ones(1, channels, 1, 1))
+        self.beta = nn.Parameter(torch.zeros(1, channels, 1, 1))
+
+    def forward(self, x):
+        return layer_instance_norm(x, self.rho) * self.gamma + self.beta
+
+
+@torch.no_grad()
+def clip_rho(network: nn.Module):
+    """U-GAT-IT (1), the update of ρ:  ρ ← clip[0, 1](ρ − τΔρ).  Called after every optimizer step:
+    outside [0, 1] the mix would extrapolate past pure instance or pure layer norm."""
+    for m in network.modules():
+        if isinstance(m, (AdaLIN, LIN)):
+            m.rho.clamp_(0.0, 1.0)
+
+
+class InstanceNorm(nn.InstanceNorm2d):
+    """nn.InstanceNorm2d (no affine parameters, like U-GAT-IT's encoder) with fp32 statistics."""
+
+    def forward(self, x):
+        return super().forward(x.float())
 
 
 # =================================================================================================
-# 1. Data: two unpaired folders (CycleGAN layout trainA/ trainB/ testA/ testB/)
+# 2. Multi-angle attention Γ (MAGAN §2.1, Fig. 3, eq. 1-2)
 # =================================================================================================
+# Three "angles" look at the encoder's feature map θ: (B, C, h, w). Each feeds a one-unit linear
+# classifier that must tell the source domain from the target domain (a class activation map,
+# CAM). The weights ω of a trained classifier then say which channels (GAP, GMP) or which
+# positions (SAM) matter for that decision, and re-weight θ with them:
+#
+#   GMP  α_n = max_ij θ_n^ij        ξ_α = Σ_n ω_α^n · α_n      a_α = ω_α ⊙ θ   (per channel)
+#   GAP  β_n = mean_ij θ_n^ij       ξ_β = Σ_n ω_β^n · β_n      a_β = ω_β ⊙ θ   (per channel)
+#   SAM  γ   = Σ_n |θ_n|^p          ξ_γ = Σ_m ω_γ^m · γ_m      a_γ = ω_γ ⊙ θ   (per position m)
+#
+# GMP finds the object's strongest parts, GAP its extent (U-GAT-IT's CAM uses both). SAM is
+# MAGAN's addition: γ sums the channels' activation energy at each position, so its classifier
+# learns *where* the domains differ rather than in which channels. A larger p favours the most
+# active positions: p = 2 in G, which must find the region to translate; p = 1 in D, which must
+# judge the whole image (MAGAN §2.2, Table 5).
+
+class AttentionOutput(NamedTuple):
+    features: torch.Tensor  # a(x): (B, C, h, w), MAGAN (2)
+    logits: torch.Tensor    # Γ(x): (B, n_angles), MAGAN (1)
+    heatmap: torch.Tensor   # Σ_c a(x): (B, 1, h, w), for pictures only
+
+
+class MultiAngleAttention(nn.Module):
+    """Γ and a(x) of MAGAN eq. 1-2 over a feature map θ: (B, C, h, w).
+
+    `grid`: the side h = w of θ at the training size (SAM's classifier has a weight per position).
+    `angles`: "ma" (GAP, GMP, SAM), "cam" (GAP, GMP: U-GAT-IT), "sam", or "none" (θ goes straight to
+    the 1x1 conv and there are no class logits): the ablations of MAGAN Table 4.
+    `spectral`: spectral norm on the classifiers (the discriminators). `leaky`: LeakyReLU(0.2)
+    after the 1x1 conv (D) instead of ReLU (G)."""
+
+    ANGLES = {"ma": ("gap", "gmp", "sam"), "cam": ("gap", "gmp"), "sam": ("sam",), "none": ()}
+
+    def __init__(self, channels: int, grid: int, angles: str = "ma", p: float = 2.0,
+                 spectral: bool = False, leaky: bool = False):
+        super().__init__()
+        if p < 1:
+            raise ValueError(f"SAM exponent p = {p}: use p >= 1 (|θ|^p has an infinite gradient at 0 for p < 1)")
+        maybe_sn = spectral_norm if spectral else (lambda m: m)
+        n_inputs = {"gap": channels, "gmp": channels, "sam": grid * grid}
+        self.fc = nn.ModuleDict({name: maybe_sn(nn.Linear(n_inputs[name], 1, bias=False))
+                                 for name in self.ANGLES[angles]})
+        self.grid, self.p = grid, p
+        # The angles' re-weighted copies of θ are stacked (n·C channels) and a 1x1 conv mixes them
+        # back to C: each output channel may combine channel-wise (GAP, GMP) and position-wise
+        # (SAM) emphasis, which MAGAN motivates by the correlation between channels. It is not
+        # spectrally normalised, in G or D: U-GAT-IT's Tables 5-6 list SN on every conv of D but
+        # this one (and its code leaves it out too).
+        self.conv1x1 = nn.Conv2d(max(1, len(self.fc)) * channels, channels, 1)
+        self.act = nn.LeakyReLU(0.2) if leaky else nn.ReLU()
+
+    def sam_weight_map(self, h: int, w: int) -> torch.Tensor:
+        """SAM's classifier weights ω_γ as a (h, w) map. The classifier is tied to the training
+        grid. On another grid (translating at another size, eval mode only) the map is resized
+        bilinearly; in training that would silently train a resized copy, so it is an error."""
+        weight = self.fc["sam"].weight.view(1, 1, self.grid, self.grid)
+        if (h, w) != (self.grid, self.grid):
+            if self.training:
+                raise ValueError(f"SAM was built for a {self.grid}x{self.grid} feature grid and got {h}x{w}: "
+                                 f"train at the size the network was built for (only eval mode resizes)")
+            weight = F.interpolate(weight, size=(h, w), mode="bilinear", align_corners=False)
+        return weight.view(h, w)
+
+    def forward(self, theta: torch.Tensor) -> AttentionOutput:  # θ: (B, C, h, w)
+        B, C, h, w = theta.shape
+        logits, maps = [], []
+        # Each `fc.weight` is read once. Under spectral norm that is the *normalised* weight, the
+        # one that produced the logit (U-GAT-IT's code re-weights θ with the raw parameter), and
+        # every read runs a power iteration.
+        if "gap" in self.fc:
+            weight = self.fc["gap"].weight                         # ω_β: (1, C)
+            logits.append(theta.mean(dim=(2, 3)) @ weight.t())     # ξ_β: (B, C) @ (C, 1) -> (B, 1)
+            maps.append(theta * weight.view(1, C, 1, 1))           # a_β: (B, C, h, w)
+        if "gmp" in self.fc:
+            weight = self.fc["gmp"].weight                         # ω_α: (1, C)
+            logits.append(theta.amax(dim=(2, 3)) @ weight.t())     # ξ_α: (B, 1)
+            maps.append(theta * weight.view(1, C, 1, 1))           # a_α: (B, C, h, w)
+        if "sam" in self.fc:
+            # fp32 by hand: autocast would leave |θ|^p and its channel sum in bf16.
+            gamma = theta.float().abs().pow(self.p).sum(dim=1)     # γ = Σ_n |θ_n|^p: (B, h, w)
+            # Choice: γ is scaled to unit root-mean-square per sample. Raw γ grows like C·|θ|^p and
+            # would swamp the other logits. Unit *L2 norm* (as activation-based attention transfer)
+            # is too small: under spectral norm |ω_γ| = 1, so ξ_γ would be stuck in [-1, 1] and D
+            # could not reach the LSGAN targets. Measured with a D trained alone (128 px, grid 15):
+            # SAM's LSGAN loss stayed at 0.47 (real 0.46 vs fake 0.42); with unit RMS 0.22 (0.74 vs
+            # 0.27). Unit RMS is unit L2 norm times sqrt(h·w).
+            gamma = gamma.flatten(1)                               # (B, h·w)
+            gamma = gamma * torch.rsqrt(gamma.square().mean(dim=1, keepdim=True) + 1e-12)
+            weight = self.sam_weight_map(h, w)                     # ω_γ: (h, w)
+            logits.append(gamma @ weight.reshape(-1, 1).to(gamma.dtype))  # ξ_γ: (B, h·w) @ (h·w, 1) -> (B, 1)
+            maps.append(theta * weight.to(theta.dtype))            # a_γ: (B, C, h, w)
+        # MAGAN (1):  Γ(x) = Concat(ξ_α, ξ_β, ξ_γ). We keep U-GAT-IT's order, GAP before GMP:
+        # (ξ_β, ξ_α, ξ_γ). Each logit gets the same loss, so the order changes nothing.
+        logits = torch.cat(logits, dim=1) if logits else theta.new_zeros(B, 0)   # (B, n_angles)
+        # MAGAN (2):  a(x) = Conv1x1(Concat(a_β, a_α, a_γ)), followed by the activation.
+        stacked = torch.cat(maps, dim=1) if maps else theta                      # (B, n·C, h, w)
+        a = self.act(self.conv1x1(stacked))                                      # (B, C, h, w)
+        return AttentionOutput(a, logits, heatmap=a.sum(dim=1, keepdim=True))    # heatmap: (B, 1, h, w)
+
+
+# =================================================================================================
+# 3. Generator (MAGAN §2.1, Fig. 2(b); layer table: U-GAT-IT appendix Table 4; AGGAN eq. 1)
+# =================================================================================================
+#
+#   x ─ encoder E ─ θ ─ attention ─ a(x) ─ MLP ─ (γ, β)
+#                                    └──── AdaLIN residual blocks (γ, β) ─ up-sampling ─ G(x)
+#
+# Three choices recur in every layer table below:
+#   * bias=False before a normalisation layer: the norm subtracts each channel's mean, which
+#     cancels any bias the convolution adds. It would be a parameter that never learns anything.
+#   * Reflection padding: zero padding makes the border look like a dark frame, which a
+#     translator then learns to paint; mirroring the image keeps border statistics like the interior.
+#   * Up-sampling by nearest neighbour, then a 3x3 convolution, rather than a transposed
+#     convolution, whose uneven kernel overlap draws checkerboard artifacts (Odena et al., 2016).
+
+class ResBlock(nn.Module):
+    """Encoder residual block: x + IN(conv(pad(ReLU(IN(conv(pad(x))))))). The skip lets each block
+    learn a correction to its input, which keeps the gradient path short in a deep encoder."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.ReflectionPad2d(1), nn.Conv2d(channels, channels, 3, bias=False), InstanceNorm(channels), nn.ReLU(),
+            nn.ReflectionPad2d(1), nn.Conv2d(channels, channels, 3, bias=False), InstanceNorm(channels))
+
+    def forward(self, x):
+        return x + self.body(x)
+
+
+class AdaLINResBlock(nn.Module):
+    """Decoder residual block: the same, with AdaLIN(γ, β) in place of instance norm."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv1 = nn.Sequential(nn.ReflectionPad2d(1), nn.Conv2d(channels, channels, 3, bias=False))
+        self.norm1 = AdaLIN(channels)
+        self.conv2 = nn.Sequential(nn.ReflectionPad2d(1), nn.Conv2d(channels, channels, 3, bias=False))
+        self.norm2 = AdaLIN(channels)
+
+    def forward(self, x, gamma, beta):
+        h = F.relu(self.norm1(self.conv1(x), gamma, beta))
+        return x + self.norm2(self.conv2(h), gamma, beta)
+
+
+def fuse(content: torch.Tensor, mask: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """AGGAN (1):  G(x) = R ⊙ M + x ⊙ (1 − M). Where the mask M is 0 the input passes unchanged;
+    where it is 1 the generated content R replaces it. content, x: (B, 3, S, S); mask: (B, 1, S, S)."""
+    return content * mask + x * (1 - mask)
+
+
+class GeneratorOutput(NamedTuple):
+    image: torch.Tensor            # the translation: (B, 3, S, S) in [-1, 1]
+    logits: torch.Tensor           # the attention's class logits Γ_G(x): (B, n_angles)
+    heatmap: torch.Tensor          # (B, 1, S/4, S/4)
+    mask: torch.Tensor | None      # AGGAN's attention mask M: (B, 1, S, S), with mask fusion only
+
+
+class Generator(nn.Module):
+    """G: (B, 3, S, S) -> GeneratorOutput. S must be a multiple of 4; full mode runs at `size` only.
+
+    `light`: the γ, β MLP reads the global average of a(x) (U-GAT-IT's --light) instead of the
+    whole flattened map (the paper's full mode: C·(S/4)²·C weights, 268M at S = 256, ch = 64).
+    `mask_fusion`: the last layer also draws a mask M and the output is AGGAN's fusion."""
+
+    def __init__(self, ch: int = 64, n_res: int = 4, size: int = 256, light: bool = True,
+                 attention: str = "ma", p: float = 2.0, mask_fusion: bool = False):
+        super().__init__()
+        C, grid = 4 * ch, size // 4
+        # Encoder E: 7x7 conv to ch, two stride-2 3x3 convs to 2ch and 4ch = C, n_res residual blocks.
+        layers = [nn.ReflectionPad2d(3), nn.Conv2d(3, ch, 7, bias=False), InstanceNorm(ch), nn.ReLU()]
+        for i in range(2):
+            layers += [nn.ReflectionPad2d(1), nn.Conv2d(ch * 2**i, ch * 2**(i + 1), 3, stride=2, bias=False),
+                       InstanceNorm(ch * 2**(i + 1)), nn.ReLU()]
+        layers += [ResBlock(C) for _ in range(n_res)]
+        self.encoder = nn.Sequential(*layers)
+        self.attention = MultiAngleAttention(C, grid, attention, p)
+        self.light, self.grid, self.mask_fusion = light, grid, mask_fusion
+        # γ, β: two FC + ReLU layers of width C, then one linear head each (Table 4).
+        self.mlp = nn.Sequential(nn.Linear(C if light else C * grid * grid, C, bias=False), nn.ReLU(),
+                                 nn.Linear(C, C, bias=False), nn.ReLU())
+        self.to_gamma = nn.Linear(C, C, bias=False)
+        self.to_beta = nn.Linear(C, C, bias=False)
+        self.res_blocks = nn.ModuleList(AdaLINResBlock(C) for _ in range(n_res))
+        # Decoder: nearest x2, 3x3 conv, LIN, ReLU (twice, C -> C/2 -> C/4 = ch), then a 7x7 conv to
+        # the image, or to the image and AGGAN's mask (3 + 1 channels).
+        layers = []
+        for i in range(2):
+            c = C // 2**i
+            layers += [nn.Upsample(scale_factor=2, mode="nearest"), nn.ReflectionPad2d(1),
+                       nn.Conv2d(c, c // 2, 3, bias=False), LIN(c // 2), nn.ReLU()]
+        layers += [nn.ReflectionPad2d(3), nn.Conv2d(ch, 4 if mask_fusion else 3, 7, bias=False)]
+        self.decoder = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> GeneratorOutput:          # x: (B, 3, S, S)
+        if x.shape[-2] % 4 or x.shape[-1] % 4:
+            raise ValueError(f"image size {tuple(x.shape[-2:])} is not a multiple of 4: the generator "
+                             f"halves it twice and doubles it twice")
+        theta = self.encoder(x)                                     # θ: (B, C, S/4, S/4)
+        if not self.light and theta.shape[-2:] != (self.grid, self.grid):
+            raise ValueError(f"full mode reads the whole attention map, so it only runs at the size it was "
+                             f"built for ({4 * self.grid} px), not {x.shape[-2]}x{x.shape[-1]}")
+        attention = self.attention(theta)
+        a = attention.features                                      # a(x): (B, C, S/4, S/4)
+        style = a.mean(dim=(2, 3)) if self.light else a.flatten(1)  # (B, C) or (B, C·(S/4)²)
+        style = self.mlp(style)                                     # (B, C)
+        gamma, beta = self.to_gamma(style), self.to_beta(style)     # (B, C) each
+        h = a                                                       # the decoder starts from a(x), not θ
+        for block in self.res_blocks:
+            h = block(h, gamma, beta)                               # (B, C, S/4, S/4)
+        out = self.decoder(h)                                       # (B, 3 or 4, S, S)
+        if not self.mask_fusion:
+            return GeneratorOutput(torch.tanh(out), attention.logits, attention.heatmap, None)
+        content, mask = torch.tanh(out[:, :3]), torch.sigmoid(out[:, 3:])  # R: (B, 3, S, S) in [-1, 1]; M in [0, 1]
+        return GeneratorOutput(fuse(content, mask, x.to(content.dtype)), attention.logits, attention.heatmap, mask)
+
+
+# =================================================================================================
+# 4. Discriminator (MAGAN §2.2, eq. 3; U-GAT-IT appendix Tables 5-6)
+# =================================================================================================
+# Per domain, two PatchGAN discriminators judge every patch of an image: a local one down to S/8
+# (a 70x70 receptive field at 256 px: textures, stripes) and a global one down to S/32 (286x286:
+# the whole object and its shape). Each has the same multi-angle attention, with p = 1.
+#   * Spectral norm on every convolution and classifier bounds D's Lipschitz constant, so its
+#     logits cannot grow without limit and the least-squares game stays stable.
+#   * LeakyReLU(0.2): G learns only through the gradient that flows back through D; a ReLU would
+#     block it wherever a unit is negative.
+
+def global_depth(size: int) -> int:
+    """Stride-2 convs of the global discriminator: 5 (to S/32) as in U-GAT-IT, but never below a
+    4x4 grid, so that S = 32 and 64 still leave room for the two stride-1 4x4 convs."""
+    return min(5, int(math.log2(size)) - 2)
+
+
+class DiscriminatorOutput(NamedTuple):
+    patch: torch.Tensor     # Φ(z): one real/fake logit per patch, (B, 1, h-1, w-1)
+    logits: torch.Tensor    # the attention's class logits Γ_D(z): (B, n_angles)
+    heatmap: torch.Tensor   # (B, 1, h, w)
+
+
+class Discriminator(nn.Module):
+    """D: (B, in_channels, S, S) -> DiscriminatorOutput, with h = S / 2^n_down − 1 the attention grid.
+    `in_channels` is 4 for AGGAN's attention-guided D, which sees an image and a mask together."""
+
+    def __init__(self, ch: int = 64, n_down: int = 5, size: int = 256, attention: str = "ma",
+                 p: float = 1.0, in_channels: int = 3):
+        super().__init__()
+        # n_down stride-2 4x4 convs (widths ch, 2ch, ... ch·2^(n_down−1)), then one stride-1 4x4
+        # conv to C = ch·2^n_down: Table 5 (local, n_down = 3) and Table 6 (global, n_down = 5).
+        layers = [nn.ReflectionPad2d(1), spectral_norm(nn.Conv2d(in_channels, ch, 4, stride=2)), nn.LeakyReLU(0.2)]
+        for i in range(1, n_down):
+            layers += [nn.ReflectionPad2d(1), spectral_norm(nn.Conv2d(ch * 2**(i - 1), ch * 2**i, 4, stride=2)),
+                       nn.LeakyReLU(0.2)]
+        C = ch * 2**n_down
+        layers += [nn.ReflectionPad2d(1), spectral_norm(nn.Conv2d(C // 2, C, 4, stride=1)), nn.LeakyReLU(0.2)]
+        self.encoder = nn.Sequential(*layers)
+        grid = size // 2**n_down - 1
+        self.attention = MultiAngleAttention(C, grid, attention, p, spectral=True, leaky=True)
+        self.classifier = nn.Sequential(nn.ReflectionPad2d(1), spectral_norm(nn.Conv2d(C, 1, 4, bias=False)))
+
+    def forward(self, z: torch.Tensor) -> DiscriminatorOutput:     # z: (B, 3 or 4, S, S)
+        theta = self.encoder(z)                                      # θ: (B, C, h, h), h = S/2^n − 1
+        attention = self.attention(theta)
+        # MAGAN (3):  Φ(z) = σ(Conv(a_D(z))). The sigmoid σ is left to the loss: the least-squares
+        # loss reads the raw logits, as U-GAT-IT's code does.
+        patch = self.classifier(attention.features)                 # (B, 1, h−1, h−1)
+        return DiscriminatorOutput(patch, attention.logits, attention.heatmap)
+
+
+# =================================================================================================
+# 5. Losses (MAGAN §2.3, eq. 4-8; U-GAT-IT §2.2, eq. 2-7; AGGAN; SAT)
+# =================================================================================================
+# For the direction a -> b (b -> a is symmetric): x_a, x_b real images, fake_ab = G_ab(x_a) and
+# the reconstruction G_ba(fake_ab). The training step (section 8) adds the terms up.
+
+def adversarial_loss(logits: torch.Tensor, is_real: bool, kind: str = "lsgan") -> torch.Tensor:
+    """MAGAN (4):  L_adv = E_y[log D(y)] + E_x[log(1 − D(G(x)))]   (kind="bce", as MAGAN prints it).
+    U-GAT-IT (2):  L_lsgan = E_y[D(y)²] + E_x[(1 − D(G(x)))²]      (kind="lsgan", our default).
+
+    Both are printed as one expression that D maximises and G minimises. Like U-GAT-IT's code,
+    which MAGAN builds on, we train D towards real -> 1 and fake -> 0 and G towards fake -> 1, with
+    least squares by default. Why least squares: the squared error keeps pulling a fake towards
+    "real" even where D rejects it confidently, where the log loss saturates and its gradient
+    vanishes. Each call scores one side: all logits against target 1 (is_real) or 0. Autocast
+    runs both losses in fp32."""
+    if logits.numel() == 0:  # attention "none" has no class logits
+        return logits.new_zeros(())
+    target = torch.ones_like(logits) if is_real else torch.zeros_like(logits)
+    if kind == "lsgan":
+        return F.mse_loss(logits, target)
+    return F.binary_cross_entropy_with_logits(logits, target)
+
+
+def cam_loss(logits_source: torch.Tensor, logits_target: torch.Tensor) -> torch.Tensor:
+    """U-GAT-IT (5):  L_cam = −(E_{x∼X_s}[log η_s(x)] + E_{x∼X_t}[log(1 − η_s(x))]).
+
+    MAGAN (7) prints L_cate^G = E||Γ_G(x) − Γ_G(y)||₁, garbled in extraction; we read it as
+    U-GAT-IT's CAM loss: G_ab's attention classifiers must say "source domain" (1) on the images
+    they translate (x_a) and "not source" (0) on target-domain images (x_b, seen in the identity
+    pass). This is what makes the attention weights point at what differs between the domains."""
+    if logits_source.numel() == 0:
+        return logits_source.new_zeros(())
+    return (F.binary_cross_entropy_with_logits(logits_source, torch.ones_like(logits_source))
+            + F.binary_cross_entropy_with_logits(logits_target, torch.zeros_like(logits_target)))
+
+
+def gram_matrix(features: torch.Tensor) -> torch.Tensor:
+    """M = F Fᵀ / (C·H·W) for features F: (B, C, H·W): how strongly each pair of channels fires
+    together, wherever that happens. Always fp32: a bf16 Gram loses the small differences the
+    style loss measures, so autocast is switched off here."""
+    with torch.autocast(device_type=features.device.type, enabled=False):
+        B, C, H, W = features.shape
+        f = features.float().reshape(B, C, H * W)              # (B, C, H·W)
+        return f @ f.transpose(1, 2) / (C * H * W)             # (B, C, C)
+
+
+def style_loss(features_fake: torch.Tensor, features_real: torch.Tensor) -> torch.Tensor:
+    """MAGAN (5):  L_style = E||M(φ4(G(x))) − M(φ4(y))||₁, φ4 = VGG19 relu4_4, y a real image of
+    the target domain (we use the x_b of the same iteration). Mean absolute difference."""
+    return F.l1_loss(gram_matrix(features_fake), gram_matrix(features_real))
+
+
+def content_loss(features_reconstruction: torch.Tensor, features_input: torch.Tensor) -> torch.Tensor:
+    """MAGAN (6):  L_rec = E||φ5(G_ba(G_ab(x))) − φ5(x)||₁, φ5 = VGG19 relu5_4: the cycle, compared
+    in VGG's semantic features rather than in pixels. Mean absolute difference."""
+    return F.l1_loss(features_reconstruction, features_input)  # autocast runs l1_loss in fp32
+
+
+def total_variation(mask: torch.Tensor) -> torch.Tensor:
+    """AGGAN's attention loss:  L_tv(M) = Σ_{w,h} |M(w+1, h) − M(w, h)| + |M(w, h+1) − M(w, h)|.
+
+    We average each sum instead (mean over the differences), so the weight does not depend on the
+    image size. It makes masks smooth, in blobs rather than speckles. AGGAN adds it because masks
+    tend to saturate at 1 (citing GANimation); note that a mask of all ones has no variation at
+    all: what keeps M from saturating is the pixel, identity and cycle losses. mask: (B, 1, H, W)."""
+    mask = mask.float()  # autocast would keep the differences and their means in bf16
+    return ((mask[:, :, 1:, :] - mask[:, :, :-1, :]).abs().mean()
+            + (mask[:, :, :, 1:] - mask[:, :, :, :-1]).abs().mean())
+
+
+SELFREG_LAYER_WEIGHTS = (1 / 32, 1 / 16, 1 / 8)  # SAT §3: "the first three layers", 1/32, 1/16, 1/8
+
+
+def self_regularisation(features_output: tuple, features_input: tuple) -> torch.Tensor:
+    """SAT's self-regularisation:  l_reg = Σ_l w_l / (H_l W_l) Σ_{h,w} ||F_l(G(x))_hw − F_l(x)_hw||²₂.
+
+    The perceptual distance between a translation and its own input on VGG19's first layers
+    (relu1_2, relu2_2, relu3_4: the ends of its first three blocks, as LPIPS, the distance SAT
+    cites, takes its layers): G should keep the input's low-level look (colours, edges)."""
+    total = 0
+    for w, f_out, f_in in zip(SELFREG_LAYER_WEIGHTS, features_output, features_input):
+        squared = (f_out.float() - f_in.float()).square().sum(dim=1)   # (B, H_l, W_l): squared L2 over channels
+        total = total + w * squared.mean()                               # mean over positions (and batch)
+    return total
+
+
+# --- VGG19, the perceptual network of the style, content and self-regularisation losses ---------
+
+VGG19_LAYERS = [64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M", 512, 512, 512, 512]
+
+
+def vgg19_features() -> nn.Sequential:
+    """VGG19's convolutional part up to relu5_4, with torchvision's layer indices (so torchvision's
+    `features.N.*` weights load into it). ReLU outputs: relu1_2 = 3, relu2_2 = 8, relu3_4 = 17,
+    relu4_4 = 26, relu5_4 = 35."""
+    layers, c_in = [], 3
+    for v in VGG19_LAYERS:
+        if v == "M":
+            layers.append(nn.MaxPool2d(2, 2))
+        else:
+            conv = nn.Conv2d(c_in, v, 3, padding=1)
+            # torchvision's VGG initialisation (the ImageNet weights replace it). With PyTorch's
+            # default init the deep features of a random VGG hardly depend on the image.
+            nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
+            nn.init.zeros_(conv.bias)
+            layers += [conv, nn.ReLU(inplace=True)]
+            c_in = v
+    return nn.Sequential(*layers)
+
+
+class VGGOutput(NamedTuple):
+    relu1_2: torch.Tensor   # (B, 64, S, S)       } SAT's self-regularisation
+    relu2_2: torch.Tensor   # (B, 128, S/2, S/2)  }
+    relu3_4: torch.Tensor   # (B, 256, S/4, S/4)  }
+    relu4_4: torch.Tensor   # (B, 512, S/8, S/8)    MAGAN's style loss
+    relu5_4: torch.Tensor   # (B, 512, S/16, S/16)  MAGAN's content loss
+
+
+class VGGFeatures(nn.Module):
+    """Frozen VGG19 that maps images in [-1, 1] to the features the losses compare. It only scores
+    images: its parameters never get gradients and it stays in eval mode."""
+
+    CUTS = (4, 9, 18, 27, 36)  # after relu1_2, relu2_2, relu3_4, relu4_4, relu5_4
+
+    def __init__(self, features: nn.Sequential):
+        super().__init__()
+        starts = (0,) + self.CUTS[:-1]
+        self.stages = nn.ModuleList(features[a:b] for a, b in zip(starts, self.CUTS))
+        self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1))
+        self.requires_grad_(False)
+        self.eval()
+
+    def train(self, mode: bool = True):
+        return super().train(False)
+
+    def forward(self, x: torch.Tensor) -> VGGOutput:
+        x = ((x + 1) / 2 - self.mean) / self.std  # [-1, 1] -> [0, 1] -> ImageNet's normalisation
+        outputs = []
+        for stage in self.stages:
+            x = stage(x)
+            outputs.append(x)
+        return VGGOutput(*outputs)
+
+
+# #################################################################################################
+#
+#                                      PART II: RUNNING IT
+#
+# #################################################################################################
+
+def first_line(error: BaseException) -> str:
+    """The first line of an exception's message (or its type): enough to say what went wrong."""
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0]}" if text else type(error).__name__
+
+
+# =================================================================================================
+# 6. Data: two unpaired folders (CycleGAN layout ROOT/trainA, trainB, testA, testB)
+# =================================================================================================
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+
 
 def load_rgb(path: Path, draft_size: int | None = None) -> Image.Image:
-    """Open any image Pillow reads and return it as 8-bit RGB. Raises OSError/ValueError if the
-    file is not a readable image (the caller decides whether to skip it)."""
+    """Open any image Pillow reads and return it as 8-bit RGB, upright. Raises OSError/ValueError
+    if the file is not a readable image (the caller decides whether to skip it)."""
     with Image.open(path) as im:
         if draft_size:
             im.draft("RGB", (draft_size, draft_size))  # JPEG: decode a 4000x3000 photo at 1/8 scale
         im.load()  # a truncated file fails here, not later inside a worker
+        im = ImageOps.exif_transpose(im)  # phone photos store "rotate me" in EXIF, not in the pixels
         if im.mode.startswith("I;16") or im.mode == "I":
             im = im.point(lambda v: v / 256).convert("L")  # 16-bit grey: keep the top 8 bits
         if im.mode in ("RGBA", "LA", "PA") or "transparency" in im.info:
@@ -143,6 +597,17 @@ def load_rgb(path: Path, draft_size: int | None = None) -> Image.Image:
             im = im.convert("RGBA")
             im = Image.alpha_composite(Image.new("RGBA", im.size, (255, 255, 255, 255)), im)
         return im.convert("RGB")
+
+
+def readable_images(files, draft_size: int | None = None):
+    """Yield (path, RGB image) for each file that decodes; report the others by name and go on."""
+    for path in files:
+        try:
+            image = load_rgb(path, draft_size)
+        except Exception as e:  # Pillow raises several types for broken files
+            print(f"skipping unreadable image {path} ({first_line(e)})", flush=True)
+            continue
+        yield path, image
 
 
 def to_tensor(im: Image.Image) -> torch.Tensor:
@@ -157,40 +622,65 @@ def to_pil(x: torch.Tensor) -> Image.Image:
     return Image.fromarray(x.permute(1, 2, 0).contiguous().cpu().numpy())
 
 
+def looks_like_dataset_root(folder: Path) -> bool:
+    return (folder / "trainA").is_dir() and (folder / "trainB").is_dir()
+
+
 def list_images(folder: str | Path) -> list[Path]:
-    """Sorted image files of a folder. Files Pillow cannot identify (text, zero bytes, ...) are
-    reported once by name and skipped; a folder with no image at all is an error."""
+    """Sorted image files of one flat folder. Files Pillow cannot identify (text, zero bytes...)
+    are reported once by name and skipped; a folder with no image at all is an error that says
+    what to pass instead."""
     folder = Path(folder)
     if not folder.is_dir():
         raise MaganError(f"image folder {folder} does not exist (expected the CycleGAN layout "
-                         f"trainA/ trainB/ testA/ testB/; see data/README.md)")
+                         f"ROOT/trainA, trainB, testA, testB: pass --data ROOT, or --a and --b)")
     good, bad = [], []
     for path in sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")):
         try:
             with Image.open(path) as im:  # reads the header only: cheap even for 100k files
                 im.size
             good.append(path)
-        except Exception as e:  # Pillow raises several types for non-images
+        except Exception as e:
             bad.append(f"{path.name} ({type(e).__name__})")
     if bad:
         print(f"skipping {len(bad)} unreadable file(s) in {folder}: {', '.join(bad)}", flush=True)
-    if not good:
-        raise MaganError(f"no readable image in {folder}: put .jpg/.png images there")
-    return good
+    if good:
+        return good
+    if looks_like_dataset_root(folder):
+        raise MaganError(f"{folder} is a dataset root (it holds trainA/ and trainB/), not a folder of "
+                         f"images: pass --data {folder}")
+    nested = [p for p in folder.rglob("*") if p.parent != folder and p.suffix.lower() in IMAGE_SUFFIXES]
+    if nested:
+        raise MaganError(f"no image directly in {folder}, but its subfolders hold {len(nested)} (e.g. "
+                         f"{nested[0].relative_to(folder)}). magan reads one flat folder per domain: pass "
+                         f"that subfolder, or move the images up")
+    raise MaganError(f"no readable image in {folder}: put .jpg/.png images there")
+
+
+def dataset_folders(root: str | Path) -> tuple[str, str]:
+    """--data ROOT: the training folders ROOT/trainA and ROOT/trainB (testA/testB give the samples)."""
+    root = Path(root)
+    if not looks_like_dataset_root(root):
+        hint = (f" It holds images itself: pass it as --a or --b." if any(
+            p.suffix.lower() in IMAGE_SUFFIXES for p in root.glob("*")) else "")
+        raise MaganError(f"--data {root}: expected the CycleGAN layout {root}/trainA, {root}/trainB "
+                         f"(and testA, testB for the sample grids).{hint}")
+    return str(root / "trainA"), str(root / "trainB")
 
 
 def keyed_generator(*key) -> torch.Generator:
-    """A torch.Generator seeded by a hash of `key`: the randomness of iteration k is a pure
-    function of (seed, k), so a resumed run draws exactly what an uninterrupted one would."""
+    """A torch.Generator seeded by a hash of `key`: the randomness of sample k is a pure function of
+    (seed, k), so a resumed run draws exactly what an uninterrupted one would."""
     digest = hashlib.sha256(repr(key).encode()).digest()
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
 
 
 class UnpairedImages(torch.utils.data.Dataset):
-    """Item k is the k-th training sample (x_a, x_b): each domain is walked in a fresh random
-    order every epoch, and each image gets a random horizontal flip (p=0.5), a resize to S+30
-    and a random SxS crop (U-GAT-IT appendix B.2). Files that fail to decode (a truncated JPEG,
-    say) are skipped: the next file is used and the name is returned so the trainer reports it."""
+    """Item k is the k-th training sample (x_a, x_b, skipped): each domain is walked in a fresh
+    random order every epoch, independently (the data are unpaired), and each image gets U-GAT-IT's
+    augmentation (appendix B.2): a horizontal flip with p = 0.5, a resize to (S+30)², a random SxS
+    crop. Files that fail to decode (a truncated JPEG, say) are replaced by the next file, and
+    their names returned so that the trainer reports them."""
 
     def __init__(self, folder_a, folder_b, size: int, seed: int):
         self.files = (list_images(folder_a), list_images(folder_b))
@@ -205,7 +695,7 @@ class UnpairedImages(torch.utils.data.Dataset):
             try:
                 return load_rgb(path, self.size + 30), skipped
             except Exception as e:
-                skipped.append(f"{path} ({type(e).__name__}: {e})")
+                skipped.append(f"{path} ({first_line(e)})")
         raise MaganError(f"no image in {files[0].parent} can be decoded:\n  " + "\n  ".join(skipped))
 
     def _augment(self, im: Image.Image, g: torch.Generator) -> torch.Tensor:
@@ -213,7 +703,7 @@ class UnpairedImages(torch.utils.data.Dataset):
         if torch.rand((), generator=g) < 0.5:
             im = im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         im = im.resize((big, big), Image.Resampling.BILINEAR)
-        top, left = torch.randint(0, big - S + 1, (2,), generator=g).tolist()
+        top, left = torch.randint(0, big - S + 1, (2,), generator=g).tolist()  # any of the 31x31 offsets
         return to_tensor(im.crop((left, top, left + S, top + S)))  # (3, S, S)
 
     def __getitem__(self, k: int):
@@ -245,11 +735,8 @@ def ignore_stop_signals(_worker_id):
 def fixed_images(folder: str | Path, n: int, size: int) -> torch.Tensor:
     """The first n readable images of a folder, resized to SxS: the inputs of every sample grid."""
     images = []
-    for path in list_images(folder):
-        try:
-            images.append(to_tensor(load_rgb(path, size).resize((size, size), Image.Resampling.BILINEAR)))
-        except Exception:
-            continue  # list_images already reported non-images; a truncated one is just passed over
+    for _, im in readable_images(list_images(folder), size):
+        images.append(to_tensor(im.resize((size, size), Image.Resampling.BILINEAR)))
         if len(images) == n:
             break
     if not images:
@@ -268,317 +755,160 @@ def sample_folder(train_folder: str) -> Path:
 
 
 # =================================================================================================
-# 2. Normalisation layers (U-GAT-IT §2.1.1, eq. 1)
-#
-#   AdaLIN(a, γ, β) = γ · (ρ · â_I + (1 − ρ) · â_L) + β
-#   â_I = (a − μ_I) / sqrt(σ_I² + ε)      per sample and channel, over (H, W)      (instance norm)
-#   â_L = (a − μ_L) / sqrt(σ_L² + ε)      per sample, over (C, H, W)               (layer norm)
-#
-# ρ, learnt per channel and clipped to [0, 1], chooses between the two. Instance norm keeps the
-# content's local statistics, layer norm lets the style change globally; letting the network mix
-# them is what lets U-GAT-IT change shapes (selfie -> anime) and not only textures.
-# Statistics are computed in fp32 even when the rest of the network runs in bf16.
+# 7. Configuration: every default is the paper's, and the command line is generated from it
 # =================================================================================================
+# Each field becomes a flag (`n_res` -> `--n-res`) whose help is the text below. A `type` names a
+# validator of section 11. Where the paper is silent, the default says so.
 
-def layer_instance_norm(x: torch.Tensor, rho: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
-    """ρ · â_I + (1 − ρ) · â_L with biased variances (as nn.InstanceNorm2d / nn.LayerNorm use)."""
-    x = x.float()
-    var_i, mean_i = torch.var_mean(x, dim=(2, 3), keepdim=True, correction=0)     # (B, C, 1, 1)
-    var_l, mean_l = torch.var_mean(x, dim=(1, 2, 3), keepdim=True, correction=0)  # (B, 1, 1, 1)
-    x_i = (x - mean_i) * torch.rsqrt(var_i + eps)
-    x_l = (x - mean_l) * torch.rsqrt(var_l + eps)
-    return rho * x_i + (1 - rho) * x_l
+def opt(default, help, **argparse_kwargs):
+    """A config field with its help text (and optionally a `type=` validator name or `choices=`)."""
+    return field(default=default, metadata=dict(help=help, **argparse_kwargs))
 
 
-class AdaLIN(nn.Module):
-    """Adaptive layer-instance norm: γ and β come from the attention features (one per sample).
-    ρ starts at 1 (pure instance norm), as U-GAT-IT's text says. Its TensorFlow code also stores 1
-    but mixes with clip(ρ − 0.1), so 0.9 in effect and never more; its PyTorch port starts at 0.9."""
+@dataclass
+class Config:
+    # data and run folder
+    data: str = opt("", "a CycleGAN-layout dataset root: ROOT/trainA, ROOT/trainB (testA/testB, beside "
+                        "them, give the sample grids). Or name the two folders with --a and --b")
+    a: str = opt("data/trainA", "folder of domain-A training images (testA beside it gives the samples)")
+    b: str = opt("data/trainB", "folder of domain-B training images (testB beside it gives the samples)")
+    out: str = opt("runs/magan", "run folder: config.json, log.csv, index.html, samples/, checkpoints/")
+    preset: str = opt("magan", "magan: MAGAN's objective; ugatit: U-GAT-IT's (CAM attention, no VGG "
+                               "losses). Explicit flags override a preset", choices=("magan", "ugatit"))
+    size: int = opt(256, "image size S, a multiple of 32 (the paper: 256)", type="image_size")
+    # model (U-GAT-IT appendix Tables 4-6; MAGAN §2.1-2.2; AGGAN)
+    ch: int = opt(64, "base width of every network (the paper: 64)", type="positive_int")
+    n_res: int = opt(4, "residual blocks in the generator's encoder and decoder (the paper: 4)",
+                     type="positive_int")
+    light: bool = opt(True, "light mode: the γ/β MLP reads the global-average-pooled attention map. "
+                            "--full is the paper's setting (flattened map, ~268M weights per generator "
+                            "at 256 px)")
+    attention: str = opt("ma", "ma = GMP+GAP+SAM (MAGAN), cam = GMP+GAP (U-GAT-IT), sam = SAM only, "
+                               "none: the ablations of MAGAN Table 4", choices=("ma", "cam", "sam", "none"))
+    p_gen: float = opt(2.0, "SAM exponent p >= 1 in the generators (MAGAN: 2; Table 5)", type="sam_exponent")
+    p_dis: float = opt(1.0, "SAM exponent p >= 1 in the discriminators (MAGAN: 1; Table 5)", type="sam_exponent")
+    mask_fusion: bool = opt(False, "AGGAN: the generator draws content R and a mask M and outputs "
+                                   "R*M + x*(1-M). Try with --w-tv 1 --w-pixel 1")
+    mask_to_d: bool = opt(False, "AGGAN's attention-guided discriminators: D sees [image, mask] "
+                                 "(needs --mask-fusion)")
+    gan_loss: str = opt("lsgan", "adversarial loss: lsgan (U-GAT-IT's code) or bce (MAGAN's printed eq. 4)",
+                        choices=("lsgan", "bce"))
+    # loss weights (0 switches a term off). Adversarial, cycle, identity and CAM are U-GAT-IT's.
+    # MAGAN gives no weights for style and content: 1 is our default, untuned (tuning needs the
+    # ImageNet VGG, which the machines this was written on cannot download).
+    w_adv: float = opt(1.0, "weight of the adversarial loss, MAGAN eq. 4", type="weight")
+    w_cycle: float = opt(10.0, "weight of the pixel cycle L1 loss (U-GAT-IT eq. 3)", type="weight")
+    w_identity: float = opt(10.0, "weight of the identity L1 loss (U-GAT-IT eq. 4)", type="weight")
+    w_cam: float = opt(1000.0, "weight of the generators' CAM loss (MAGAN eq. 7, U-GAT-IT eq. 5)", type="weight")
+    w_style: float = opt(1.0, "weight of the Gram style loss on VGG19 relu4_4, MAGAN eq. 5", type="weight")
+    w_content: float = opt(1.0, "weight of the content loss on VGG19 relu5_4, MAGAN eq. 6", type="weight")
+    w_tv: float = opt(0.0, "weight of AGGAN's total variation of the masks (with --mask-fusion)", type="weight")
+    w_pixel: float = opt(0.0, "weight of AGGAN's pixel loss |G(x) - x|", type="weight")
+    w_selfreg: float = opt(0.0, "weight of SAT's self-regularisation (perceptual distance x to G(x) on "
+                                "VGG19's first layers); the largest weight with --selfreg-target", type="weight")
+    selfreg_target: float = opt(0.0, "SAT's adaptive weight: raise the self-regularisation weight from 0 "
+                                     "until the generators' adversarial loss passes this value, then hold "
+                                     "it (0: a fixed weight)", type="weight")
+    vgg_weights: str = opt("imagenet", "VGG19 for the style/content losses: imagenet (torchvision, "
+                                       "downloaded once to the torch cache), PATH to a torchvision VGG19 "
+                                       "state dict, none (no perceptual losses), or random (offline smoke "
+                                       "runs only: NOT the paper)")
+    # optimisation (MAGAN §3.3; U-GAT-IT appendix B.2)
+    iters: int = opt(1_000_000, "training iterations; the learning rate decays linearly to 0 over the "
+                                "second half", type="positive_int")
+    batch: int = opt(1, "images per domain per iteration and process (the paper: 1)", type="positive_int")
+    lr: float = opt(1e-4, "Adam learning rate", type="positive_float")
+    beta1: float = opt(0.5, "Adam beta1", type="fraction")
+    beta2: float = opt(0.999, "Adam beta2", type="fraction")
+    weight_decay: float = opt(1e-4, "Adam weight decay", type="weight")
+    # machinery
+    device: str = opt("auto", "auto (CUDA when available), cpu, cuda or cuda:N", type="device_name")
+    seed: int = opt(0, "random seed: weights, data order and augmentation all follow from it", type=int)
+    fast: bool = opt(True, "on CUDA: bf16 autocast (norm statistics and losses in fp32), channels_last, "
+                           "fused Adam. Ignored on CPU")
+    compile: bool = opt(False, "torch.compile the networks (slow start, see `bench`)")
+    workers: int = opt(-1, "data-loading worker processes (0: load in the main process; -1: one fewer "
+                           "than the CPU cores, at most 4)", type="worker_count")
+    log_every: int = opt(100, "a progress line and a log.csv row every N iterations (and a progress line "
+                              "at least every 30 s)", type="positive_int")
+    sample_every: int = opt(1000, "sample grids and the run page every N iterations", type="positive_int")
+    save_every: int = opt(1000, "write checkpoints/latest.pt every N iterations", type="positive_int")
+    snapshot_every: int = opt(100_000, "keep a copy checkpoints/iter_N.pt every N iterations",
+                              type="positive_int")
+    n_samples: int = opt(4, "test images per sample grid", type="positive_int")
+    tensorboard: bool = opt(False, "also write TensorBoard event files to RUN/tensorboard (needs the "
+                                   "tensorboard package)")
+    resume: bool = opt(False, "continue the run in --out from checkpoints/latest.pt")
 
-    def __init__(self, channels: int, rho_init: float = 1.0):
-        super().__init__()
-        self.rho = nn.Parameter(torch.full((1, channels, 1, 1), rho_init))
 
-    def forward(self, x, gamma, beta):  # x: (B, C, H, W); gamma, beta: (B, C)
-        return layer_instance_norm(x, self.rho) * gamma[:, :, None, None] + beta[:, :, None, None]
+# The fields that define the networks: a checkpoint only continues under the same values.
+ARCHITECTURE_FIELDS = ("size", "ch", "n_res", "light", "attention", "p_gen", "p_dis", "mask_fusion", "mask_to_d")
+# Fields that are places on disk: stored resolved, so that --resume works from any folder.
+PATH_FIELDS = ("data", "a", "b", "out")
 
+PRESETS = {
+    "magan": {},  # the defaults are MAGAN's
+    "ugatit": dict(attention="cam", w_adv=1.0, w_cycle=10.0, w_identity=10.0, w_cam=1000.0, w_style=0.0,
+                   w_content=0.0, w_tv=0.0, w_pixel=0.0, w_selfreg=0.0, vgg_weights="none", mask_fusion=False),
+}
 
-class LIN(nn.Module):
-    """Layer-instance norm of the up-sampling blocks: the same mix with learnt γ, β.
-    ρ starts at 0 (layer norm), as U-GAT-IT's code does."""
-
-    def __init__(self, channels: int):
-        super().__init__()
-        self.rho = nn.Parameter(torch.zeros(1, channels, 1, 1))
-        self.gamma = nn.Parameter(torch.ones(1, channels, 1, 1))
-        self.beta = nn.Parameter(torch.zeros(1, channels, 1, 1))
-
-    def forward(self, x):
-        return layer_instance_norm(x, self.rho) * self.gamma + self.beta
+# `python magan.py train` with no data: a demo on the bundled data that downloads nothing and shows
+# stripes within about 30 minutes on two CPU cores (measured: see the README), or a minute on a GPU.
+DEMO = dict(size=64, ch=16, n_res=2, vgg_weights="none", iters=3000, log_every=50, sample_every=250,
+            save_every=500, out="runs/demo")
 
 
-@torch.no_grad()
-def clip_rho(network: nn.Module):
-    """Keep every ρ in [0, 1] after each optimizer step: outside it AdaLIN would extrapolate past
-    pure instance or pure layer norm, and the mix would stop meaning anything."""
-    for m in network.modules():
-        if isinstance(m, (AdaLIN, LIN)):
-            m.rho.clamp_(0.0, 1.0)
+def needs_vgg(cfg: Config) -> bool:
+    return cfg.w_style > 0 or cfg.w_content > 0 or cfg.w_selfreg > 0
 
 
-class InstanceNorm(nn.InstanceNorm2d):
-    """nn.InstanceNorm2d (no affine, like U-GAT-IT's encoder) with fp32 statistics under autocast."""
-
-    def forward(self, x):
-        return super().forward(x.float())
+def loss_weights(cfg: Config) -> dict[str, float]:
+    return {term: getattr(cfg, "w_" + term) for term in LOSS_TERMS}
 
 
-# =================================================================================================
-# 3. Multi-angle attention Γ (MAGAN §2.1, Fig. 3, eq. 1-2)
-#
-# Three "angles" look at the encoder's feature map θ: (B, C, h, w) and each trains a one-unit
-# classifier "is this the source domain?". The classifier's weights then say which channels
-# (GAP, GMP) or which positions (SAM) matter, and re-weight θ:
-#
-#   GAP:  β_n = mean_ij θ_n^ij      ξ_β = Σ_n ω_β^n · β_n        a_β = ω_β ⊙ θ   (per channel)
-#   GMP:  α_n = max_ij θ_n^ij       ξ_α = Σ_n ω_α^n · α_n        a_α = ω_α ⊙ θ   (per channel)
-#   SAM:  γ   = Σ_n |θ_n|^p         ξ_γ = Σ_m ω_γ^m · γ_m        a_γ = ω_γ ⊙ θ   (per position m)
-#
-#   Γ(x) = Concat(ξ_β, ξ_α, ξ_γ)                        eq. (1): three class logits, (B, 3)
-#   a(x) = ReLU(Conv1x1(Concat(a_β, a_α, a_γ)))         eq. (2): attention feature map, (B, C, h, w)
-#
-# GAP + GMP is U-GAT-IT's CAM; SAM is MAGAN's addition: γ sums the channels' activation energy at
-# each position (p=2 in G favours the most active regions; p=1 in D spreads attention, §2.2).
-# =================================================================================================
-
-class AttentionOutput(NamedTuple):
-    features: torch.Tensor  # a(x): (B, C, h, w), eq. (2)
-    logits: torch.Tensor    # Γ(x): (B, n_angles), eq. (1)
-    heatmap: torch.Tensor   # Σ_c a(x): (B, 1, h, w), for pictures
-
-
-class MultiAngleAttention(nn.Module):
-    """Returns AttentionOutput(features a (B, C, h, w), class logits (B, n_angles), heatmap (B, 1, h, w)).
-
-    `grid` is the training-time side h = w of θ: SAM's classifier has one weight per position.
-    `angles`: "ma" (GAP, GMP, SAM), "cam" (GAP, GMP), "sam", or "none" (θ passes straight to the
-    1x1 conv and there are no class logits): the ablations of MAGAN Table 4."""
-
-    ANGLES = {"ma": ("gap", "gmp", "sam"), "cam": ("gap", "gmp"), "sam": ("sam",), "none": ()}
-
-    def __init__(self, channels: int, grid: int, angles: str = "ma", p: float = 2.0,
-                 spectral: bool = False, leaky: bool = False):
-        super().__init__()
-        if p < 1:
-            raise ValueError(f"SAM exponent p = {p}: use p >= 1 (|θ|^p has an infinite gradient at 0 for p < 1)")
-        maybe_sn = spectral_norm if spectral else (lambda m: m)
-        n_inputs = {"gap": channels, "gmp": channels, "sam": grid * grid}
-        self.fc = nn.ModuleDict({name: maybe_sn(nn.Linear(n_inputs[name], 1, bias=False))
-                                 for name in self.ANGLES[angles]})
-        self.grid, self.p = grid, p
-        n_maps = max(1, len(self.fc))
-        # The 1x1 conv is not spectrally normalised, in G or D: U-GAT-IT's Tables 5-6 list SN on
-        # every conv of D except this one (and its code leaves it out too).
-        self.conv1x1 = nn.Conv2d(n_maps * channels, channels, 1)
-        self.act = nn.LeakyReLU(0.2) if leaky else nn.ReLU()
-
-    def sam_weight_map(self, h: int, w: int) -> torch.Tensor:
-        """SAM's classifier weights ω_γ as a (h, w) map. Its classifier is tied to the training
-        grid; on another grid (translating at another size, eval mode only) the map is resized
-        bilinearly. In training that would silently train a resized copy, so it is an error."""
-        weight = self.fc["sam"].weight.view(1, 1, self.grid, self.grid)
-        if (h, w) != (self.grid, self.grid):
-            if self.training:
-                raise ValueError(f"SAM was built for a {self.grid}x{self.grid} feature grid and got {h}x{w}: "
-                                 f"train at the size the network was built for (only eval mode resizes)")
-            weight = F.interpolate(weight, size=(h, w), mode="bilinear", align_corners=False)
-        return weight.view(h, w)
-
-    def forward(self, theta):  # theta: (B, C, h, w)
-        B, C, h, w = theta.shape
-        logits, maps = [], []
-        # Read each `fc.weight` once: under spectral norm that is the *normalised* weight, the one
-        # that produced the logit, and every read runs a power iteration.
-        if "gap" in self.fc:
-            weight = self.fc["gap"].weight                         # ω_β: (1, C)
-            logits.append(theta.mean(dim=(2, 3)) @ weight.t())     # ξ_β: (B, C) @ (C, 1) -> (B, 1)
-            maps.append(theta * weight.view(1, C, 1, 1))           # a_β: (B, C, h, w)
-        if "gmp" in self.fc:
-            weight = self.fc["gmp"].weight                         # ω_α: (1, C)
-            logits.append(theta.amax(dim=(2, 3)) @ weight.t())     # ξ_α: (B, 1)
-            maps.append(theta * weight.view(1, C, 1, 1))           # a_α: (B, C, h, w)
-        if "sam" in self.fc:
-            gamma = theta.float().abs().pow(self.p).sum(dim=1)     # γ = Σ_n |θ_n|^p: (B, h, w)
-            # Choice: γ is scaled to unit root-mean-square per sample. Raw γ grows like C·|θ|^p and
-            # would swamp the other two logits. Unit *L2 norm* (as in activation-based attention
-            # transfer) is too small: under spectral norm |ω_γ| = 1, so ξ_γ = ω_γ·γ would be stuck
-            # in [-1, 1] and D could not reach the LSGAN targets (measured: a D trained alone kept
-            # its SAM loss at 0.47, real and fake logits 0.46 vs 0.42; with unit RMS 0.22, 0.74
-            # vs 0.27). Unit RMS is unit L2 norm times sqrt(h·w).
-            gamma = gamma.flatten(1)                               # (B, h*w)
-            gamma = gamma * torch.rsqrt(gamma.square().mean(dim=1, keepdim=True) + 1e-12)
-            weight = self.sam_weight_map(h, w)                     # ω_γ: (h, w)
-            logits.append(gamma @ weight.reshape(-1, 1).to(gamma.dtype))  # ξ_γ: (B, 1)
-            maps.append(theta * weight.to(theta.dtype))            # a_γ: (B, C, h, w)
-        if not maps:
-            maps = [theta]                                         # attention "none"
-        a = self.act(self.conv1x1(torch.cat(maps, dim=1)))         # (B, n*C, h, w) -> (B, C, h, w)
-        heatmap = a.sum(dim=1, keepdim=True)                       # (B, 1, h, w)
-        logits = torch.cat(logits, dim=1) if logits else theta.new_zeros(B, 0)  # Γ(x): (B, n_angles)
-        return AttentionOutput(a, logits, heatmap)
+def make_config(given: dict) -> tuple[Config, str | None]:
+    """The config of a new run from the flags given: defaults < the demo (when no data is given)
+    < the preset < the flags. Returns it and, for the demo, a line that says so."""
+    demo = not any(name in given for name in ("data", "a", "b", "resume"))
+    base = dict(DEMO) if demo else {}
+    if demo and "out" not in given:
+        base["out"] = next(f"runs/demo{i or ''}" for i in range(1000) if not Path(f"runs/demo{i or ''}").exists())
+    values = {**base, **PRESETS[given.get("preset", "magan")], **given}
+    if values.get("data") and not ("a" in given or "b" in given):
+        values["a"], values["b"] = dataset_folders(values["data"])
+    cfg = Config(**values)
+    if cfg.mask_to_d and not cfg.mask_fusion:
+        raise MaganError("--mask-to-d shows the discriminators the generators' masks: it needs --mask-fusion")
+    note = None
+    if demo:
+        note = (f"demo: no --data given, so training a small model on the bundled data ({cfg.size} px, ch "
+                f"{cfg.ch}, {cfg.n_res} residual blocks, no VGG losses, {cfg.iters} iterations). Watch "
+                f"{cfg.out}/index.html. The paper's setting: python magan.py train --data DATASET "
+                f"(256 px, VGG losses, 1,000,000 iterations; add --full for the paper's full mode)")
+    return cfg, note
 
 
 # =================================================================================================
-# 4. Generator (MAGAN §2.1 and Fig. 2(b); layer table: U-GAT-IT appendix Table 4)
-#
-#   x -> encoder E -> θ -> multi-angle attention -> a(x) -> MLP -> (γ, β)
-#                                                  a(x) -> AdaLIN residual blocks(γ, β) -> up-sampling -> y
+# 8. Training (MAGAN §3.3; U-GAT-IT appendix B.2)
 # =================================================================================================
 
-class ResBlock(nn.Module):
-    """Encoder residual block: (pad, 3x3 conv, instance norm, ReLU) x 2 with a skip connection."""
-
-    def __init__(self, channels: int):
-        super().__init__()
-        self.body = nn.Sequential(
-            nn.ReflectionPad2d(1), nn.Conv2d(channels, channels, 3, bias=False), InstanceNorm(channels), nn.ReLU(),
-            nn.ReflectionPad2d(1), nn.Conv2d(channels, channels, 3, bias=False), InstanceNorm(channels))
-
-    def forward(self, x):
-        return x + self.body(x)
-
-
-class AdaLINResBlock(nn.Module):
-    """Decoder residual block: the same, with AdaLIN(γ, β) in place of instance norm."""
-
-    def __init__(self, channels: int):
-        super().__init__()
-        self.conv1 = nn.Sequential(nn.ReflectionPad2d(1), nn.Conv2d(channels, channels, 3, bias=False))
-        self.norm1 = AdaLIN(channels)
-        self.conv2 = nn.Sequential(nn.ReflectionPad2d(1), nn.Conv2d(channels, channels, 3, bias=False))
-        self.norm2 = AdaLIN(channels)
-
-    def forward(self, x, gamma, beta):
-        h = F.relu(self.norm1(self.conv1(x), gamma, beta))
-        return x + self.norm2(self.conv2(h), gamma, beta)
-
-
-class GeneratorOutput(NamedTuple):
-    image: torch.Tensor     # the translation: (B, 3, S, S) in [-1, 1]
-    logits: torch.Tensor    # the attention's class logits Γ_G(x): (B, n_angles)
-    heatmap: torch.Tensor   # (B, 1, S/4, S/4)
-
-
-class Generator(nn.Module):
-    """G: (B, 3, S, S) -> GeneratorOutput(image (B, 3, S, S), logits (B, n_angles), heatmap (B, 1, S/4, S/4))."""
-
-    def __init__(self, ch: int = 64, n_res: int = 4, size: int = 256, light: bool = True,
-                 attention: str = "ma", p: float = 2.0):
-        super().__init__()
-        C, grid = 4 * ch, size // 4
-        # Encoder E: 7x7 conv, two stride-2 3x3 convs, n_res residual blocks.
-        layers = [nn.ReflectionPad2d(3), nn.Conv2d(3, ch, 7, bias=False), InstanceNorm(ch), nn.ReLU()]
-        for i in range(2):
-            layers += [nn.ReflectionPad2d(1), nn.Conv2d(ch * 2**i, ch * 2**(i + 1), 3, stride=2, bias=False),
-                       InstanceNorm(ch * 2**(i + 1)), nn.ReLU()]
-        layers += [ResBlock(C) for _ in range(n_res)]
-        self.encoder = nn.Sequential(*layers)
-        self.attention = MultiAngleAttention(C, grid, attention, p)
-        # γ, β MLP. Full mode reads the whole (C, S/4, S/4) map: C·(S/4)²·C weights in its first
-        # layer (268M at S=256, ch=64). Light mode reads its global average: C·C weights.
-        self.light, self.grid = light, grid
-        self.mlp = nn.Sequential(nn.Linear(C if light else C * grid * grid, C, bias=False), nn.ReLU(),
-                                 nn.Linear(C, C, bias=False), nn.ReLU())
-        self.to_gamma = nn.Linear(C, C, bias=False)
-        self.to_beta = nn.Linear(C, C, bias=False)
-        self.res_blocks = nn.ModuleList(AdaLINResBlock(C) for _ in range(n_res))
-        # Up-sampling: nearest x2, 3x3 conv, LIN, ReLU (twice), then 7x7 conv and tanh to [-1, 1].
-        layers = []
-        for i in range(2):
-            c = C // 2**i
-            layers += [nn.Upsample(scale_factor=2, mode="nearest"), nn.ReflectionPad2d(1),
-                       nn.Conv2d(c, c // 2, 3, bias=False), LIN(c // 2), nn.ReLU()]
-        layers += [nn.ReflectionPad2d(3), nn.Conv2d(ch, 3, 7, bias=False), nn.Tanh()]
-        self.decoder = nn.Sequential(*layers)
-
-    def forward(self, x):                                # x: (B, 3, S, S)
-        if x.shape[-2] % 4 or x.shape[-1] % 4:
-            raise ValueError(f"image size {tuple(x.shape[-2:])} is not a multiple of 4: the generator "
-                             f"halves it twice and doubles it twice")
-        theta = self.encoder(x)                          # θ: (B, C, S/4, S/4)
-        if not self.light and theta.shape[-2:] != (self.grid, self.grid):
-            raise ValueError(f"full mode reads the whole attention map, so it only runs at the size it was "
-                             f"built for ({4 * self.grid} px), not {x.shape[-2]}x{x.shape[-1]}")
-        a, logits, heatmap = self.attention(theta)       # a: (B, C, S/4, S/4), logits: (B, n_angles)
-        style = a.mean(dim=(2, 3)) if self.light else a.flatten(1)  # (B, C) or (B, C·(S/4)²)
-        style = self.mlp(style)                          # (B, C)
-        gamma, beta = self.to_gamma(style), self.to_beta(style)  # (B, C) each
-        h = a
-        for block in self.res_blocks:
-            h = block(h, gamma, beta)                    # (B, C, S/4, S/4)
-        return GeneratorOutput(self.decoder(h), logits, heatmap)  # image: (B, 3, S, S)
-
-
-# =================================================================================================
-# 5. Discriminator (MAGAN §2.2, eq. 3; U-GAT-IT appendix Tables 5-6)
-#
-#   Φ(z) = Conv(a_D(z))                                  eq. (3): a patch map of real/fake logits
-#
-# Per domain a global discriminator (down to S/32, widths ch..32ch) and a local one (down to S/8,
-# widths ch..8ch), as U-GAT-IT; each with the same multi-angle attention (p = 1). Every weight is
-# spectrally normalised, which bounds D's Lipschitz constant and keeps the LSGAN game stable.
-# The sigmoid σ of eq. 3 is left to the loss (LSGAN uses the raw logits, as U-GAT-IT's code).
-# =================================================================================================
-
-def global_depth(size: int) -> int:
-    """Stride-2 convs of the global discriminator: 5 (to S/32) as in U-GAT-IT, but never below a
-    4x4 grid, so that S = 32 and 64 still leave room for the two stride-1 4x4 convs."""
-    return min(5, int(math.log2(size)) - 2)
-
-
-class DiscriminatorOutput(NamedTuple):
-    patch: torch.Tensor     # Φ(z): real/fake logits per patch, (B, 1, h-1, w-1)
-    logits: torch.Tensor    # the attention's class logits Γ_D(z): (B, n_angles)
-    heatmap: torch.Tensor   # (B, 1, h, w)
-
-
-class Discriminator(nn.Module):
-    """D: (B, 3, S, S) -> DiscriminatorOutput(patch logits (B, 1, h-1, w-1), class logits (B, n_angles), heatmap (B, 1, h, w)),
-    with h = S / 2^n_down - 1 the attention grid."""
-
-    def __init__(self, ch: int = 64, n_down: int = 5, size: int = 256, attention: str = "ma", p: float = 1.0):
-        super().__init__()
-        layers = [nn.ReflectionPad2d(1), spectral_norm(nn.Conv2d(3, ch, 4, stride=2)), nn.LeakyReLU(0.2)]
-        for i in range(1, n_down):
-            layers += [nn.ReflectionPad2d(1), spectral_norm(nn.Conv2d(ch * 2**(i - 1), ch * 2**i, 4, stride=2)),
-                       nn.LeakyReLU(0.2)]
-        C = ch * 2**n_down
-        layers += [nn.ReflectionPad2d(1), spectral_norm(nn.Conv2d(C // 2, C, 4, stride=1)), nn.LeakyReLU(0.2)]
-        self.encoder = nn.Sequential(*layers)
-        grid = size // 2**n_down - 1
-        self.attention = MultiAngleAttention(C, grid, attention, p, spectral=True, leaky=True)
-        self.classifier = nn.Sequential(nn.ReflectionPad2d(1), spectral_norm(nn.Conv2d(C, 1, 4, bias=False)))
-
-    def forward(self, x):                                # x: (B, 3, S, S)
-        theta = self.encoder(x)                          # (B, C, S/2^n - 1, S/2^n - 1)
-        a, logits, heatmap = self.attention(theta)
-        return DiscriminatorOutput(self.classifier(a), logits, heatmap)  # Φ(z): (B, 1, S/2^n - 2, S/2^n - 2)
-
+# --- 8.1 The six networks of one run ------------------------------------------------------------
 
 class MAGAN(nn.Module):
-    """The six networks of one run: two generators and, per domain, a global and a local D.
-    Initialisation: PyTorch's defaults (Kaiming-uniform), as U-GAT-IT's PyTorch code uses, rather
-    than N(0, 0.02); spectral norm rescales every D weight anyway."""
+    """Two generators and, per domain, a global and a local discriminator: D_ga and D_la judge
+    domain A (real x_a against G_ba's fakes), D_gb and D_lb domain B.
+    Initialisation: PyTorch's defaults (Kaiming-uniform), as U-GAT-IT's PyTorch code, rather than
+    the N(0, 0.02) its text gives; spectral norm rescales every D weight anyway."""
 
     def __init__(self, cfg: Config):
         super().__init__()
         def G():
-            return Generator(cfg.ch, cfg.n_res, cfg.size, cfg.light, cfg.attention, cfg.p_gen)
+            return Generator(cfg.ch, cfg.n_res, cfg.size, cfg.light, cfg.attention, cfg.p_gen, cfg.mask_fusion)
         def D(n_down):
-            return Discriminator(cfg.ch, n_down, cfg.size, cfg.attention, cfg.p_dis)
+            return Discriminator(cfg.ch, n_down, cfg.size, cfg.attention, cfg.p_dis, 4 if cfg.mask_to_d else 3)
         self.G_ab, self.G_ba = G(), G()
-        self.D_ga, self.D_gb = D(global_depth(cfg.size)), D(global_depth(cfg.size))  # global, domains A/B
-        self.D_la, self.D_lb = D(3), D(3)                                            # local, domains A/B
+        self.D_ga, self.D_gb = D(global_depth(cfg.size)), D(global_depth(cfg.size))  # global: down to S/32
+        self.D_la, self.D_lb = D(3), D(3)                                            # local: down to S/8
 
     def generators(self):
         return [self.G_ab, self.G_ba]
@@ -587,100 +917,190 @@ class MAGAN(nn.Module):
         return [self.D_ga, self.D_gb, self.D_la, self.D_lb]
 
 
-# =================================================================================================
-# 6. Losses (MAGAN §2.3, eq. 4-8; U-GAT-IT §2.2)
-# =================================================================================================
+# --- 8.2 One iteration: translate, a D step, a G step -------------------------------------------
+# U-GAT-IT (7) and MAGAN (8) add the terms up with these weights:
+#
+#   L_G = λ_adv L_adv + λ_cycle L_cycle + λ_identity L_identity + λ_cam L_cam + λ_style L_style + λ_content L_rec
+#         (+ λ_tv L_tv + λ_pixel L_pixel from AGGAN, + λ_selfreg l_reg from SAT)
+#   L_D = λ_adv (L_adv + L_cam^D), the adversarial loss on the patch and on the class logits of each D
+#
+# Why λ_cam = 1000: the attention classifiers decide *where* the generator translates, and the
+# adversarial gradient that reaches the encoder is weak and noisy. U-GAT-IT weights the CAM loss so
+# heavily that the classifiers become accurate in the first few thousand iterations, and the
+# attention means something early. Consequence: the generator loss starts near 1e3 (the CAM BCE is
+# ~1.4 per direction at initialisation). That is expected, not divergence.
 
-def adversarial_loss(logits: torch.Tensor, is_real: bool, kind: str = "lsgan") -> torch.Tensor:
-    """Eq. (4). MAGAN prints the log-likelihood (BCE) form; U-GAT-IT's code, which MAGAN builds on,
-    uses least squares: E[(D(y) − 1)²] + E[D(G(x))²]. LSGAN's gradient does not vanish for fakes
-    that D already rejects confidently, which keeps the generator learning: it is our default."""
-    if logits.numel() == 0:  # attention "none" has no class logits
-        return logits.new_zeros(())
-    logits = logits.float()
-    target = torch.ones_like(logits) if is_real else torch.zeros_like(logits)
-    if kind == "lsgan":
-        return F.mse_loss(logits, target)
-    return F.binary_cross_entropy_with_logits(logits, target)
-
-
-def cam_loss(logits_source: torch.Tensor, logits_target: torch.Tensor) -> torch.Tensor:
-    """Eq. (7), generator side, read as U-GAT-IT eq. 5: G_ab's attention classifier must say
-    "source domain" (1) on the images it translates (x_a) and "not source" (0) on the target-domain
-    images it only has to reproduce (x_b in the identity pass). BCE on the logits."""
-    if logits_source.numel() == 0:
-        return logits_source.new_zeros(())
-    return (F.binary_cross_entropy_with_logits(logits_source.float(), torch.ones_like(logits_source.float()))
-            + F.binary_cross_entropy_with_logits(logits_target.float(), torch.zeros_like(logits_target.float())))
+LOSS_TERMS = ("adv", "cycle", "identity", "cam", "style", "content", "tv", "pixel", "selfreg")
 
 
-def gram_matrix(features: torch.Tensor) -> torch.Tensor:
-    """M = F Fᵀ / (C·H·W) for features F: (B, C, H·W). Always in fp32: a bf16 Gram loses the
-    small differences the style loss measures."""
-    with torch.autocast(device_type=features.device.type, enabled=False):
-        B, C, H, W = features.shape
-        f = features.float().reshape(B, C, H * W)              # (B, C, H·W)
-        return f @ f.transpose(1, 2) / (C * H * W)             # (B, C, C)
+class Translations(NamedTuple):
+    """What the two generators make of one batch (B images per domain), before the D step."""
+    fake_ab: torch.Tensor           # G_ab(x_a): (B, 3, S, S)
+    fake_ba: torch.Tensor           # G_ba(x_b)
+    same_b: torch.Tensor            # G_ab(x_b): the identity pass, which should change nothing
+    same_a: torch.Tensor            # G_ba(x_a)
+    cam_ab: tuple                   # G_ab's class logits on (x_a, x_b): (B, n_angles) each
+    cam_ba: tuple                   # G_ba's class logits on (x_b, x_a)
+    mask_ab: torch.Tensor | None    # AGGAN's masks of the two translations: (B, 1, S, S)
+    mask_ba: torch.Tensor | None
 
 
-def style_loss(features_fake: torch.Tensor, features_real: torch.Tensor) -> torch.Tensor:
-    """Eq. (5): L_style = || M(φ4(G(x))) − M(φ4(y)) ||_1 with φ4 = VGG19 relu4_4 and y a real image
-    of the target domain (we use the x_b of the same iteration). Mean absolute difference."""
-    return F.l1_loss(gram_matrix(features_fake), gram_matrix(features_real))
+def translate_both_ways(nets: MAGAN, x_a: torch.Tensor, x_b: torch.Tensor) -> Translations:
+    # Each generator sees its source images and, for the identity loss, the target domain's in one
+    # batch: instance and layer norm work per sample, so batching changes nothing but the speed.
+    ab = nets.G_ab(torch.cat([x_a, x_b]))          # (2B, 3, S, S): [G_ab(x_a); G_ab(x_b)]
+    ba = nets.G_ba(torch.cat([x_b, x_a]))          # (2B, 3, S, S): [G_ba(x_b); G_ba(x_a)]
+    fake_ab, same_b = ab.image.chunk(2)            # (B, 3, S, S) each
+    fake_ba, same_a = ba.image.chunk(2)
+    mask_ab = ab.mask.chunk(2)[0] if ab.mask is not None else None    # (B, 1, S, S)
+    mask_ba = ba.mask.chunk(2)[0] if ba.mask is not None else None
+    return Translations(fake_ab, fake_ba, same_b, same_a, ab.logits.chunk(2), ba.logits.chunk(2), mask_ab, mask_ba)
 
 
-def content_loss(features_reconstruction: torch.Tensor, features_input: torch.Tensor) -> torch.Tensor:
-    """Eq. (6): L_rec = || φ5(G_ba(G_ab(x))) − φ5(x) ||_1 with φ5 = VGG19 relu5_4. Mean absolute difference."""
-    return F.l1_loss(features_reconstruction.float(), features_input.float())
+def judges(nets: MAGAN, x_a, x_b, t: Translations):
+    """(D, real images, fake images, their mask) for each discriminator: domain A's two Ds judge x_a
+    against G_ba's fakes, domain B's judge x_b against G_ab's."""
+    return ((nets.D_ga, x_a, t.fake_ba, t.mask_ba), (nets.D_la, x_a, t.fake_ba, t.mask_ba),
+            (nets.D_gb, x_b, t.fake_ab, t.mask_ab), (nets.D_lb, x_b, t.fake_ab, t.mask_ab))
 
 
-VGG19_LAYERS = [64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M", 512, 512, 512, 512]
+def discriminator_input(image: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """AGGAN's attention-guided D judges the pair [M, image] (the same mask M beside a real and a
+    fake image); without --mask-to-d, D sees the image alone."""
+    return image if mask is None else torch.cat([image, mask.to(image.dtype)], dim=1)  # (B, 4, S, S)
 
 
-def vgg19_features() -> nn.Sequential:
-    """VGG19's convolutional part up to relu5_4, with torchvision's layer indices (so torchvision's
-    `features.N.*` weights load into it): relu4_4 is layer 26, relu5_4 layer 35."""
-    layers, c_in = [], 3
-    for v in VGG19_LAYERS:
-        if v == "M":
-            layers.append(nn.MaxPool2d(2, 2))
-        else:
-            conv = nn.Conv2d(c_in, v, 3, padding=1)
-            # torchvision's VGG initialisation (the ImageNet weights replace it). With PyTorch's
-            # default init the deep features of a random VGG hardly depend on the image.
-            nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
-            nn.init.zeros_(conv.bias)
-            layers += [conv, nn.ReLU(inplace=True)]
-            c_in = v
-    return nn.Sequential(*layers)
+def update(optimizer: torch.optim.Optimizer, loss: torch.Tensor, networks, sync=None):
+    """Backward, then (with several processes) average the gradients, then one optimizer step."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if sync is not None:
+        sync(networks)
+    optimizer.step()
 
 
-class VGGFeatures(nn.Module):
-    """Frozen VGG19 that maps images in [-1, 1] to (relu4_4, relu5_4) features. It only scores
-    images: its parameters never get gradients and it always stays in eval mode."""
+def d_step(nets: MAGAN, x_a, x_b, t: Translations, opt_D, cfg: Config, autocast, sync=None) -> torch.Tensor:
+    """MAGAN (8), L_D = −L_adv − L_cate^D: every D learns real -> 1 and fake -> 0, on its patch
+    logits (U-GAT-IT (2)) and on its class logits, U-GAT-IT (6):
+        L_cam^D = E_{x∼X_t}[(η_D(x))²] + E_{x∼X_s}[(1 − η_D(G(x)))²]   (targets as in its code, see (2)).
+    The fakes are detached: D's loss must not push gradient into the generators (that would train
+    them to help D), and the backward pass stops at D's input."""
+    for D in nets.discriminators():
+        D.requires_grad_(True)
+    loss = 0
+    with autocast:
+        for D, real, fake, mask in judges(nets, x_a, x_b, t):
+            mask = mask.detach() if cfg.mask_to_d else None
+            both = torch.cat([discriminator_input(real, mask), discriminator_input(fake.detach(), mask)])
+            out = D(both)                                          # real and fake in one pass: (2B, ...)
+            patch_real, patch_fake = out.patch.chunk(2)            # (B, 1, h−1, w−1) each
+            cls_real, cls_fake = out.logits.chunk(2)               # (B, n_angles) each
+            loss = loss + (adversarial_loss(patch_real, True, cfg.gan_loss) + adversarial_loss(patch_fake, False, cfg.gan_loss)
+                           + adversarial_loss(cls_real, True, cfg.gan_loss) + adversarial_loss(cls_fake, False, cfg.gan_loss))
+    loss = cfg.w_adv * loss
+    update(opt_D, loss, nets.discriminators(), sync)
+    return loss.detach()
 
-    def __init__(self, features: nn.Sequential):
-        super().__init__()
-        self.to_relu4_4 = features[:27]    # (B, 512, S/8, S/8)
-        self.to_relu5_4 = features[27:36]  # (B, 512, S/16, S/16)
-        self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1))
-        self.requires_grad_(False)
-        self.eval()
 
-    def train(self, mode: bool = True):
-        return super().train(False)
+def perceptual_terms(vgg: VGGFeatures, x_a, x_b, t: Translations, rec_a, rec_b, cfg: Config) -> dict:
+    """The terms measured in VGG19's features, each only when its weight is above 0."""
+    fake = vgg(torch.cat([t.fake_ab, t.fake_ba, rec_a, rec_b]))   # one pass with gradients: 4B images
+    with torch.no_grad():
+        real = vgg(torch.cat([x_a, x_b]))                         # their targets, no gradients: 2B
+    fake_ab, fake_ba, phi_rec_a, phi_rec_b = split_features(fake, 4)  # a VGGOutput of B images each
+    phi_a, phi_b = split_features(real, 2)
+    terms = {}
+    if cfg.w_style > 0:    # MAGAN (5): a translation should have the target domain's Gram statistics
+        terms["style"] = style_loss(fake_ab.relu4_4, phi_b.relu4_4) + style_loss(fake_ba.relu4_4, phi_a.relu4_4)
+    if cfg.w_content > 0:  # MAGAN (6): the cycle should give the input's relu5_4 features back
+        terms["content"] = content_loss(phi_rec_a.relu5_4, phi_a.relu5_4) + content_loss(phi_rec_b.relu5_4, phi_b.relu5_4)
+    if cfg.w_selfreg > 0:  # SAT: a translation should keep its input's low-level look
+        terms["selfreg"] = (self_regularisation(early_layers(fake_ab), early_layers(phi_a))
+                            + self_regularisation(early_layers(fake_ba), early_layers(phi_b)))
+    return terms
 
-    def forward(self, x):
-        x = ((x + 1) / 2 - self.mean) / self.std  # [-1, 1] -> ImageNet normalisation
-        relu4_4 = self.to_relu4_4(x)
-        return relu4_4, self.to_relu5_4(relu4_4)
 
+def split_features(features: VGGOutput, n: int) -> list[VGGOutput]:
+    """The VGG features of n equal groups of a batch: (n·B, ...) per layer -> n VGGOutputs of B."""
+    return [VGGOutput(*layers) for layers in zip(*(layer.chunk(n) for layer in features))]
+
+
+def early_layers(features: VGGOutput) -> tuple:
+    return features.relu1_2, features.relu2_2, features.relu3_4
+
+
+def g_step(nets: MAGAN, vgg, x_a, x_b, t: Translations, opt_G, cfg: Config, autocast, weights: dict,
+           sync=None) -> dict:
+    """MAGAN (8), L_G = L_adv + L_style + L_rec + L_cate^G, with U-GAT-IT's cycle and identity terms,
+    weighted as U-GAT-IT (7) (and AGGAN's and SAT's terms when their weights are set). D is frozen:
+    the gradient flows through it into the fakes, but no D parameter gradient is computed."""
+    for D in nets.discriminators():
+        D.requires_grad_(False)
+    terms = {name: torch.zeros((), device=x_a.device) for name in LOSS_TERMS}
+    with autocast:
+        rec_a = nets.G_ba(t.fake_ab).image                        # G_ba(G_ab(x_a)): (B, 3, S, S)
+        rec_b = nets.G_ab(t.fake_ba).image                        # G_ab(G_ba(x_b))
+        for D, _, fake, mask in judges(nets, x_a, x_b, t):        # MAGAN (4), G's side: fakes should score "real"
+            out = D(discriminator_input(fake, mask if cfg.mask_to_d else None))
+            terms["adv"] = terms["adv"] + adversarial_loss(out.patch, True, cfg.gan_loss) + adversarial_loss(out.logits, True, cfg.gan_loss)
+        # U-GAT-IT (3):  L_cycle = E_{x∼X_s}[|x − G_t→s(G_s→t(x))|₁]
+        terms["cycle"] = F.l1_loss(rec_a, x_a) + F.l1_loss(rec_b, x_b)
+        # U-GAT-IT (4):  L_identity = E_{x∼X_t}[|x − G_s→t(x)|₁]
+        terms["identity"] = F.l1_loss(t.same_b, x_b) + F.l1_loss(t.same_a, x_a)
+        terms["cam"] = cam_loss(*t.cam_ab) + cam_loss(*t.cam_ba)  # U-GAT-IT (5), our reading of MAGAN (7)
+        if cfg.w_pixel > 0:                                       # AGGAN: L_pixel = E[|G(x) − x|₁]
+            terms["pixel"] = F.l1_loss(t.fake_ab, x_a) + F.l1_loss(t.fake_ba, x_b)
+        if cfg.w_tv > 0 and t.mask_ab is not None:
+            terms["tv"] = total_variation(t.mask_ab) + total_variation(t.mask_ba)
+        if vgg is not None and needs_vgg(cfg):
+            terms.update(perceptual_terms(vgg, x_a, x_b, t, rec_a, rec_b, cfg))
+    g_loss = sum(weights[name] * terms[name] for name in LOSS_TERMS if getattr(cfg, "w_" + name) > 0)
+    update(opt_G, g_loss, nets.generators(), sync)
+    return {"G": g_loss.detach(), **{name: term.detach() for name, term in terms.items()}}
+
+
+def train_step(nets: MAGAN, vgg: VGGFeatures | None, opt_G, opt_D, x_a, x_b, cfg: Config,
+               autocast=nullcontext(), sync=None, weights: dict | None = None) -> dict[str, torch.Tensor]:
+    """One iteration (U-GAT-IT appendix B.2): translate both ways, one D step on the detached fakes,
+    one G step, then clip every ρ. Returns L_D, L_G and each term as 0-d tensors (no .item(): the
+    GPU is never made to wait). `weights` overrides the config's loss weights (SAT's adaptive one)."""
+    with autocast:
+        t = translate_both_ways(nets, x_a, x_b)
+    d_loss = d_step(nets, x_a, x_b, t, opt_D, cfg, autocast, sync)
+    losses = g_step(nets, vgg, x_a, x_b, t, opt_G, cfg, autocast, weights or loss_weights(cfg), sync)
+    for G in nets.generators():
+        clip_rho(G)
+    return {"D": d_loss, **losses}
+
+
+class AdaptiveWeight:
+    """SAT's adaptive weight induction (§3.2): the self-regularisation weight λ starts at 0 and
+    rises (by a thousandth of --w-selfreg per iteration) while the generators' adversarial loss
+    stays below --selfreg-target; from the first iteration it passes the target, λ is held. The
+    adversarial loss is smoothed (exponential average over ~100 iterations), and everything stays
+    on the device: no iteration waits for the GPU to report it."""
+
+    def __init__(self, cfg: Config, device: torch.device):
+        self.maximum, self.target = cfg.w_selfreg, cfg.selfreg_target
+        self.state = torch.tensor([0.0, 0.0, 0.0], device=device)  # λ, smoothed L_adv, held (0 or 1)
+
+    def weights(self, cfg: Config) -> dict:
+        return {**loss_weights(cfg), "selfreg": self.state[0]}
+
+    def update(self, adv_loss: torch.Tensor):
+        lam, smooth, held = self.state
+        smooth = torch.where(smooth == 0, adv_loss, 0.99 * smooth + 0.01 * adv_loss)
+        held = torch.maximum(held, (smooth > self.target).float())
+        lam = torch.where(held > 0, lam, torch.clamp(lam + self.maximum / 1000, max=self.maximum))
+        self.state = torch.stack([lam, smooth, held])
+
+
+# --- 8.3 Pretrained weights: VGG19 for the perceptual losses ------------------------------------
 
 VGG19_URL = "https://download.pytorch.org/models/vgg19-dcbb9e9d.pth"  # torchvision's VGG19_Weights.IMAGENET1K_V1
 
-VGG_HELP = """The style and content losses (eq. 5-6) need VGG19 ImageNet weights, and they could not be
-loaded ({reason}). Fixes:
+VGG_HELP = """The style and content losses (MAGAN eq. 5-6) need VGG19 ImageNet weights, and they could
+not be loaded ({reason}). Fixes:
   * with internet, run once: torchvision downloads them to {cache}
     (or copy vgg19-dcbb9e9d.pth from another machine into that folder)
   * --vgg-weights PATH    a torchvision VGG19 state dict (vgg19-dcbb9e9d.pth) you copied here
@@ -703,61 +1123,40 @@ def load_vgg(spec: str) -> VGGFeatures | None:
     features = vgg19_features()
     if spec == "random":
         return VGGFeatures(features)
-    cache = Path(torch.hub.get_dir()) / "checkpoints"
     try:
         state = fetch_state_dict(VGG19_URL, None if spec == "imagenet" else spec)
         if any(k.startswith("features.") for k in state):  # a whole torchvision VGG19
             state = {k[len("features."):]: v for k, v in state.items() if k.startswith("features.")}
         features.load_state_dict(state)
     except Exception as e:
-        raise MaganError(VGG_HELP.format(reason=f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
-                                         cache=cache)) from None
+        cache = Path(torch.hub.get_dir()) / "checkpoints"
+        raise MaganError(VGG_HELP.format(reason=first_line(e), cache=cache)) from None
     return VGGFeatures(features)
 
 
-# =================================================================================================
-# 7. Training (MAGAN §3.3; U-GAT-IT appendix B.2)
-#
-#   L_G = λ_adv L_adv + λ_cycle L_cycle + λ_id L_identity + λ_cam L_cam + λ_style L_style + λ_content L_rec
-#   L_D = λ_adv L_adv (real -> 1, fake -> 0, on patch and class logits of both Ds)   eq. (8)
-#
-# Why λ_cam = 1000: the attention classifiers decide *where* the generator translates, and the
-# adversarial gradient that reaches the encoder is weak and noisy. U-GAT-IT weights the CAM BCE so
-# heavily that the classifiers become accurate in the first few thousand iterations, so the weight
-# maps (and the heatmaps) mean something early. Consequence: the generator loss starts around 1e3
-# (the CAM BCE is ~1.4 per direction at initialisation). That is expected, not divergence.
-# =================================================================================================
+# --- 8.4 Devices and speed ----------------------------------------------------------------------
 
-def pick_device(name: str) -> torch.device:
+def pick_device(name: str, local_rank: int = 0) -> torch.device:
+    """auto: CUDA when available (GPU `local_rank`, one per process under torchrun), else CPU."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise MaganError(f"--device {name}: this PyTorch sees no CUDA GPU (use --device cpu or auto)")
+    if name == "cuda":
+        return torch.device(f"cuda:{local_rank}")
     return torch.device(name)
 
 
-def make_optimizers(nets: MAGAN, cfg: Config, fast: bool):
-    """Adam(lr, betas=(0.5, 0.999), weight_decay=1e-4) for the two generators and the four Ds.
-    On the fast path the fused kernel updates all parameters in a few launches instead of one per tensor."""
-    fused = fast
-    def adam(networks):
-        params = [p for net in networks for p in net.parameters()]
-        return torch.optim.Adam(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-                                weight_decay=cfg.weight_decay, fused=fused or None)
-    return adam(nets.generators()), adam(nets.discriminators())
-
-
-def place_networks(nets: MAGAN, vgg: VGGFeatures | None, device: torch.device, fast: bool):
-    """Move the networks to the device. With `fast` (training uses it on CUDA; the tests also
-    force it on CPU), also:
+def place_networks(nets: nn.Module, vgg: VGGFeatures | None, device: torch.device, fast: bool):
+    """Move the networks to the device. With `fast` (training uses it on CUDA; the tests also force
+    it on CPU), also:
     - channels_last: cuDNN's fastest tensor-core convolutions work on NHWC; with NCHW tensors every
       convolution would pay for two layout transposes;
-    - cudnn.benchmark: our input size never changes, so timing the algorithms once pays off;
+    - cudnn.benchmark: the input size never changes, so timing the algorithms once pays off;
     - bf16 autocast: convolutions and matmuls in bfloat16 (twice the tensor-core rate, half the
       activation memory). bf16 keeps fp32's exponent range, so no loss scaling is needed (unlike
-      fp16); norm statistics (`layer_instance_norm`, `InstanceNorm`), the Gram matrix and the
-      losses stay in fp32 (see their `.float()` calls).
-    Returns (nets, vgg, autocast context)."""
+      fp16). Norm statistics, Gram matrices, SAM's γ and the losses stay in fp32 (sections 1-5).
+    Returns (nets, vgg, the autocast context of the training step)."""
     nets = nets.to(device)
     vgg = vgg.to(device) if vgg is not None else None
     if not fast:
@@ -769,92 +1168,64 @@ def place_networks(nets: MAGAN, vgg: VGGFeatures | None, device: torch.device, f
     return nets, vgg, torch.autocast(device.type, dtype=torch.bfloat16)
 
 
+def make_optimizers(nets: MAGAN, cfg: Config, fast: bool):
+    """Adam(lr, betas = (0.5, 0.999), weight decay 1e-4) for the two generators and for the four
+    Ds (U-GAT-IT appendix B.2). On the fast path the fused kernel updates all parameters in a few
+    launches instead of several per tensor."""
+    def adam(networks):
+        params = [p for net in networks for p in net.parameters()]
+        return torch.optim.Adam(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                                weight_decay=cfg.weight_decay, fused=fast or None)
+    return adam(nets.generators()), adam(nets.discriminators())
+
+
 def to_device(x: torch.Tensor, device: torch.device, fast: bool) -> torch.Tensor:
     x = x.to(device, non_blocking=True)  # non_blocking: the copy from pinned memory overlaps compute
     return x.contiguous(memory_format=torch.channels_last) if fast else x
 
 
 def learning_rate(iteration: int, cfg: Config) -> float:
-    """Constant for the first half, then linear decay to 0, computed from the iteration number
-    (not by repeated subtraction, so a resumed run gets exactly the same value)."""
+    """Constant for the first half, then linear decay to 0 (U-GAT-IT appendix B.2), computed from
+    the iteration number, not by repeated subtraction, so a resumed run gets exactly the same rate."""
     half = cfg.iters // 2
     if iteration < half:
         return cfg.lr
     return cfg.lr * (cfg.iters - iteration) / (cfg.iters - half)
 
 
-def train_step(nets: MAGAN, vgg: VGGFeatures | None, opt_G, opt_D, x_a, x_b, cfg: Config,
-               autocast=nullcontext()) -> dict[str, torch.Tensor]:
-    """One iteration: a discriminator step on detached fakes, a generator step, then ρ clipping.
-    Returns each loss term as a 0-d tensor (no .item(): the GPU is never made to wait)."""
-    B = x_a.shape[0]
-    G_ab, G_ba = nets.G_ab, nets.G_ba
-    with autocast:
-        # Each generator sees its source image and, for the identity loss, a target-domain image
-        # in one batch (instance/layer norm are per sample, so batching changes nothing).
-        out_ab, cam_ab, _ = G_ab(torch.cat([x_a, x_b]))       # (2B, 3, S, S), (2B, n_angles)
-        out_ba, cam_ba, _ = G_ba(torch.cat([x_b, x_a]))
-    fake_ab, identity_b = out_ab[:B], out_ab[B:]
-    fake_ba, identity_a = out_ba[:B], out_ba[B:]
-
-    # --- Discriminator step. The fakes are detached: D's loss must not push gradients into G
-    # (that would train G to help D), and it saves the backward pass through both generators.
-    for D in nets.discriminators():
-        D.requires_grad_(True)
-    d_loss = torch.zeros((), device=x_a.device)
-    with autocast:
-        for D, real, fake in ((nets.D_ga, x_a, fake_ba), (nets.D_la, x_a, fake_ba),
-                              (nets.D_gb, x_b, fake_ab), (nets.D_lb, x_b, fake_ab)):
-            patch, cls, _ = D(torch.cat([real, fake.detach()]))  # one pass for real and fake
-            d_loss = d_loss + (adversarial_loss(patch[:B], True, cfg.gan_loss)
-                               + adversarial_loss(patch[B:], False, cfg.gan_loss)
-                               + adversarial_loss(cls[:B], True, cfg.gan_loss)
-                               + adversarial_loss(cls[B:], False, cfg.gan_loss))
-    d_loss = cfg.w_adv * d_loss
-    opt_D.zero_grad(set_to_none=True)
-    d_loss.backward()
-    opt_D.step()
-
-    # --- Generator step. D's weights are frozen (no parameter gradients to compute), but the
-    # gradient still flows through D into the fakes.
-    for D in nets.discriminators():
-        D.requires_grad_(False)
-    zero = torch.zeros((), device=x_a.device)
-    terms = dict(adv=zero, cycle=zero, identity=zero, cam=zero, style=zero, content=zero)
-    with autocast:
-        reconstruction_a = G_ba(fake_ab)[0]                   # x_a -> b -> a
-        reconstruction_b = G_ab(fake_ba)[0]
-        for D, fake in ((nets.D_gb, fake_ab), (nets.D_lb, fake_ab), (nets.D_ga, fake_ba), (nets.D_la, fake_ba)):
-            patch, cls, _ = D(fake)                           # eq. (4), G's side: fakes should score "real"
-            terms["adv"] = terms["adv"] + adversarial_loss(patch, True, cfg.gan_loss) + adversarial_loss(cls, True, cfg.gan_loss)
-        # U-GAT-IT's cycle ||G_ba(G_ab(x_a)) − x_a||_1 and identity ||G_ab(x_b) − x_b||_1 losses
-        terms["cycle"] = F.l1_loss(reconstruction_a.float(), x_a) + F.l1_loss(reconstruction_b.float(), x_b)
-        terms["identity"] = F.l1_loss(identity_a.float(), x_a) + F.l1_loss(identity_b.float(), x_b)
-        terms["cam"] = cam_loss(cam_ab[:B], cam_ab[B:]) + cam_loss(cam_ba[:B], cam_ba[B:])  # eq. (7)
-        if vgg is not None and (cfg.w_style > 0 or cfg.w_content > 0):
-            # One VGG pass for the four generated images, one (without gradients) for their targets:
-            # [G_ab(x_a), G_ba(G_ab(x_a)), G_ba(x_b), G_ab(G_ba(x_b))] against [x_b, x_a, x_a, x_b].
-            fake4, fake5 = vgg(torch.cat([fake_ab, reconstruction_a, fake_ba, reconstruction_b]))
-            with torch.no_grad():
-                real4, real5 = vgg(torch.cat([x_b, x_a, x_a, x_b]))
-            # eq. (5) on the translations, eq. (6) on the cycle reconstructions
-            terms["style"] = (style_loss(fake4[:B], real4[:B]) + style_loss(fake4[2 * B:3 * B], real4[2 * B:3 * B]))
-            terms["content"] = (content_loss(fake5[B:2 * B], real5[B:2 * B]) + content_loss(fake5[3 * B:], real5[3 * B:]))
-    weights = dict(adv=cfg.w_adv, cycle=cfg.w_cycle, identity=cfg.w_identity, cam=cfg.w_cam,
-                   style=cfg.w_style, content=cfg.w_content)
-    g_loss = sum(weights[name] * term for name, term in terms.items() if weights[name] > 0)
-    opt_G.zero_grad(set_to_none=True)
-    g_loss.backward()
-    opt_G.step()
-    clip_rho(G_ab)
-    clip_rho(G_ba)
-    return dict(D=d_loss.detach(), G=g_loss.detach(), **{k: v.detach() for k, v in terms.items()})
+def resolve_workers(workers: int, processes_per_machine: int = 1) -> int:
+    """-1 (auto): one data worker fewer than this process's share of the CPU cores, at most 4. More
+    workers than cores only adds switching (and PyTorch warns about it)."""
+    if workers >= 0:
+        return workers
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(0, min(4, cores // processes_per_machine - 1))
 
 
-# --- Checkpoints --------------------------------------------------------------------------------
+# --- 8.5 Checkpoints ----------------------------------------------------------------------------
 
-CHECKPOINT_FORMAT = "magan-checkpoint-v1"
+CHECKPOINT_FORMAT = "magan-checkpoint-v2"
+EXPORT_FORMAT = "magan-generators-v1"          # generators and config only: `magan.py export`
+OLD_FORMATS = {"magan-checkpoint-v1": "an earlier magan.py, whose discriminators and SAM differ: train "
+                                      "a new run (or use that version of magan.py)"}
 KERNEL_FLAGS = ("fused", "foreach", "capturable", "differentiable")  # how Adam runs, not what it knows
+
+
+def write_atomically(path: Path, write):
+    """Call write(file) on a temporary file, flush it to disk, then rename it over `path`: a crash
+    or a full disk mid-write leaves the previous file intact (rename is atomic on POSIX and
+    Windows). Raises OSError, after removing the temporary file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def optimizer_state(opt: torch.optim.Optimizer) -> dict:
@@ -873,9 +1244,9 @@ def optimizer_state(opt: torch.optim.Optimizer) -> dict:
 
 
 def load_optimizer_state(opt: torch.optim.Optimizer, state: dict):
-    """Load a state saved by any run (either path, any device) into this run's optimizer: this
-    run's kernel flags stay, and each moment takes its parameter's device, dtype and memory
-    layout. (`load_state_dict` alone would restore the saved run's flags and layouts.)"""
+    """Load a state saved by any run (either path, any device) into this run's optimizer: this run's
+    kernel flags stay, and each moment takes its parameter's device, dtype and memory layout.
+    (`load_state_dict` alone would restore the saved run's flags and layouts.)"""
     own_flags = [{flag: group[flag] for flag in KERNEL_FLAGS if flag in group} for group in opt.param_groups]
     opt.load_state_dict(state)
     for group, flags in zip(opt.param_groups, own_flags):
@@ -891,34 +1262,22 @@ def load_optimizer_state(opt: torch.optim.Optimizer, state: dict):
                     opt.state[p][key] = torch.empty_like(p).copy_(value)  # p's device, dtype, layout
 
 
-def save_checkpoint(path: Path, nets: MAGAN, opt_G, opt_D, iteration: int, cfg: Config):
-    """Write to a temporary file, flush it to disk, then rename over `path`: a crash or a full disk
-    mid-write leaves the previous checkpoint intact (rename is atomic on POSIX and Windows)."""
-    state = {
-        "format": CHECKPOINT_FORMAT,
-        "iteration": iteration,
-        "config": dataclasses.asdict(cfg),
-        "nets": {name: net.state_dict() for name, net in nets.named_children()},
-        "opt_G": optimizer_state(opt_G),
-        "opt_D": optimizer_state(opt_D),
-        "torch_rng": torch.get_rng_state(),
-    }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+def save_checkpoint(path: Path, nets: MAGAN, opt_G, opt_D, iteration: int, cfg: Config, **extra):
+    """Everything a run needs to continue exactly: the six networks, both optimizers, the iteration,
+    the config, and `extra` (the number of processes, SAT's adaptive weight). Written atomically."""
+    state = {"format": CHECKPOINT_FORMAT, "iteration": iteration, "config": dataclasses.asdict(cfg),
+             "nets": {name: net.state_dict() for name, net in nets.named_children()},
+             "opt_G": optimizer_state(opt_G), "opt_D": optimizer_state(opt_D),
+             "torch_rng": torch.get_rng_state(), **extra}
     try:
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        write_atomically(path, lambda f: torch.save(state, f))
     except OSError as e:
-        tmp.unlink(missing_ok=True)
         previous = f"the previous {path.name} is intact" if path.exists() else f"no {path.name} was written"
         raise MaganError(f"could not write checkpoint {path} ({e}); {previous}. Free some disk space "
                          f"or choose another --out, then --resume.") from None
 
 
-def load_checkpoint(path: str | Path) -> dict:
+def load_checkpoint(path: str | Path, formats=(CHECKPOINT_FORMAT,)) -> dict:
     """Load a checkpoint as untrusted input: `weights_only=True` refuses anything but tensors and
     plain containers, so a malicious file cannot run code. Any failure is a MaganError."""
     path = Path(path)
@@ -927,11 +1286,15 @@ def load_checkpoint(path: str | Path) -> dict:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise MaganError(f"{path} cannot be read as a MAGAN checkpoint ({reason}). It may be truncated "
-                         f"(an interrupted copy?) or another kind of file.") from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise MaganError(f"{path} is not a MAGAN checkpoint (no '{CHECKPOINT_FORMAT}' marker)")
+        raise MaganError(f"{path} cannot be read as a MAGAN checkpoint ({first_line(e)}). It may be "
+                         f"truncated (an interrupted copy?) or another kind of file.") from None
+    found = ckpt.get("format") if isinstance(ckpt, dict) else None
+    if found in OLD_FORMATS:
+        raise MaganError(f"{path} was written by {OLD_FORMATS[found]}")
+    if found not in formats:
+        kinds = " or ".join(f"'{f}'" for f in formats)
+        raise MaganError(f"{path} is not a MAGAN checkpoint of the kind needed here (no {kinds} marker"
+                         f"{'; it is an export, which only translates' if found == EXPORT_FORMAT else ''})")
     return ckpt
 
 
@@ -947,7 +1310,7 @@ def load_networks(modules: dict[str, nn.Module], ckpt: dict):
             module.load_state_dict(ckpt["nets"][name])
         except (RuntimeError, KeyError, TypeError) as e:
             raise MaganError(f"the checkpoint's {name} does not fit the network its config describes "
-                             f"({str(e).splitlines()[0]})") from None
+                             f"({first_line(e)})") from None
 
 
 def check_architecture(cfg: Config, ckpt_cfg: dict):
@@ -959,46 +1322,139 @@ def check_architecture(cfg: Config, ckpt_cfg: dict):
                              f"{ckpt_cfg[name]!r}: drop the flag or start a new run with another --out")
 
 
-# --- Pictures -----------------------------------------------------------------------------------
-
-def colorize(heatmap: torch.Tensor, size: int) -> torch.Tensor:
-    """(B, 1, h, w) attention heatmap -> (B, 3, size, size) 'jet' colours in [-1, 1], each map
-    scaled to its own min..max (blue = least attended, red = most)."""
-    lo = heatmap.amin(dim=(2, 3), keepdim=True)
-    hi = heatmap.amax(dim=(2, 3), keepdim=True)
-    t = (heatmap.float() - lo) / (hi - lo).clamp_min(1e-8)
-    t = F.interpolate(t, size=(size, size), mode="bilinear", align_corners=False)
-    rgb = torch.cat([1.5 - (4 * t - c).abs() for c in (3, 2, 1)], dim=1).clamp(0, 1)  # (B, 3, S, S)
-    return rgb * 2 - 1
-
-
-@torch.no_grad()
-def sample_grid(G_forward: Generator, G_backward: Generator, x: torch.Tensor) -> torch.Tensor:
-    """Rows: one per test image. Columns: input, attention heatmap over the input, translation,
-    cycle reconstruction. Under no_grad and eval(): no graph is kept, so sampling costs no memory."""
-    modes = [G_forward.training, G_backward.training]
-    G_forward.eval()
-    G_backward.eval()
-    fake, _, heatmap = G_forward(x)
-    reconstruction = G_backward(fake)[0]
-    overlay = 0.5 * x + 0.5 * colorize(heatmap, x.shape[-1])
-    G_forward.train(modes[0])
-    G_backward.train(modes[1])
-    return torch.stack([x, overlay, fake.float(), reconstruction.float()], dim=1).flatten(0, 1)  # (4n, 3, S, S)
+def export_generators(ckpt_path: str | Path, out: str | Path) -> Path:
+    """The two generators and the config of a training checkpoint, for sharing and translating:
+    no discriminators and no optimizer moments, a sixth to a twentieth of the checkpoint's size."""
+    ckpt = load_checkpoint(ckpt_path)
+    state = {"format": EXPORT_FORMAT, "iteration": ckpt["iteration"], "config": ckpt["config"],
+             "nets": {name: ckpt["nets"][name] for name in ("G_ab", "G_ba")}}
+    out = Path(out)
+    try:
+        write_atomically(out, lambda f: torch.save(state, f))
+    except OSError as e:
+        raise MaganError(f"could not write {out} ({e})") from None
+    print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB; the checkpoint: "
+          f"{Path(ckpt_path).stat().st_size / 2**20:.1f} MiB)", flush=True)
+    return out
 
 
-def save_image_grid(images: torch.Tensor, path: Path, ncol: int):
-    """Save (N, 3, S, S) images in [-1, 1] as one PNG with `ncol` columns and 2-px gutters."""
-    grid = make_grid(images.detach().float().cpu().clamp(-1, 1), nrow=ncol, padding=2, pad_value=1)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    to_pil(grid).save(path)
+# --- 8.6 Several GPUs: data parallel under torchrun ----------------------------------------------
+# torchrun --nproc_per_node N magan.py train ... starts N copies of this script and tells each its
+# RANK (0..N−1), LOCAL_RANK (its GPU on this machine) and WORLD_SIZE (N) in environment variables.
+# Each process trains on its own --batch images per iteration, so the global batch is N × batch:
+# iteration k on rank r reads samples (k·N + r)·B ... (k·N + r)·B + B − 1, a pure function of
+# (seed, k, r). One process with batch N·B reads the same samples in the same iteration.
+#
+# Why an explicit all-reduce rather than DistributedDataParallel: DDP assumes one forward and one
+# backward per step, with every parameter receiving a gradient. A GAN step breaks both: each
+# generator runs twice before its backward (translation, then cycle), and D is frozen during the G
+# step, so a wrapped D would wait for gradients that never come. Averaging the gradients after each
+# backward (one all-reduce per network) is short and keeps the algorithm above unchanged; what it
+# gives up is DDP's overlap of communication with the backward pass.
+#
+# Buffers: spectral norm's power-iteration vectors u, v are buffers updated by every forward. They
+# stay equal on all ranks without any communication, because every rank starts from the same
+# weights and vectors (broadcast from rank 0 at the start) and applies the same averaged updates,
+# so every rank computes the same power iteration. At each checkpoint this is verified (a checksum
+# over all parameters and buffers); a difference is reported and repaired from rank 0.
+
+class Processes:
+    """The processes of one run. Alone (plain `python magan.py train`) there is one and every method
+    is a no-op; under torchrun they communicate over NCCL (CUDA) or gloo (CPU)."""
+
+    def __init__(self):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self.local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(self.world)))
+        self.main = self.rank == 0   # rank 0 alone writes the log, the samples and the checkpoints
+        self.control = None
+
+    def start(self, device: torch.device):
+        if self.world == 1 or dist.is_initialized():
+            return
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        # Host-side decisions (stop now?) go over gloo on the CPU: they never wait for the GPU.
+        self.control = dist.new_group(backend="gloo") if device.type == "cuda" else dist.group.WORLD
+
+    def average_gradients(self, networks):
+        """One all-reduce per network over its flattened gradients, then divide by the world size."""
+        for net in networks:
+            grads = [p.grad for p in net.parameters() if p.grad is not None]
+            flat = torch.cat([g.reshape(-1) for g in grads])              # (n_parameters,)
+            dist.all_reduce(flat)
+            flat /= self.world
+            for g, chunk in zip(grads, flat.split([g.numel() for g in grads])):
+                g.copy_(chunk.view_as(g))
+
+    @property
+    def sync(self):
+        return self.average_gradients if self.world > 1 else None
+
+    def any(self, flag: bool) -> bool:
+        """True on every rank if it is true on any (a stop signal may reach one process only)."""
+        if self.world == 1:
+            return bool(flag)
+        t = torch.tensor([float(bool(flag))])
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.control)
+        return bool(t.item())
+
+    def maximum(self, t: torch.Tensor) -> torch.Tensor:
+        if self.world > 1:
+            t = t.clone()
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return t
+
+    def mean(self, t: torch.Tensor) -> torch.Tensor:
+        if self.world > 1:
+            t = t.clone()
+            dist.all_reduce(t)
+            t /= self.world
+        return t
+
+    def broadcast(self, module: nn.Module):
+        """Rank 0's parameters and buffers to every rank."""
+        if self.world > 1:
+            for tensor in module.state_dict().values():
+                dist.broadcast(tensor, 0)
+
+    def check_in_sync(self, module: nn.Module):
+        if self.world == 1:
+            return
+        total = sum(t.double().sum() for t in module.state_dict().values() if t.is_floating_point())
+        spread = self.maximum(total.reshape(1)) - (-self.maximum(-total.reshape(1)))
+        if spread.item() != 0:
+            if self.main:
+                print("warning: the processes' weights drifted apart; continuing from rank 0's", flush=True)
+            self.broadcast(module)
+
+    def finish(self):
+        if self.world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
 
 
-# --- The loop -----------------------------------------------------------------------------------
+class IterationSamples(torch.utils.data.Sampler):
+    """The sample indices this process reads, iteration after iteration (see above)."""
+
+    def __init__(self, start: int, iters: int, batch: int, processes: Processes):
+        self.start, self.iters, self.batch = start, iters, batch
+        self.world, self.rank = processes.world, processes.rank
+
+    def __iter__(self):
+        for k in range(self.start, self.iters):
+            first = (k * self.world + self.rank) * self.batch
+            yield from range(first, first + self.batch)
+
+    def __len__(self):
+        return (self.iters - self.start) * self.batch
+
+
+# --- 8.7 What the user sees: progress, log, sample grids, the run page --------------------------
 
 class StopOnSignal:
-    """Ctrl-C (SIGINT) or SIGTERM asks the loop to stop after the current iteration and save.
-    A second Ctrl-C aborts at once (the last saved checkpoint is still intact)."""
+    """Ctrl-C (SIGINT) or SIGTERM asks the loop to stop after the current iteration and save. A
+    second Ctrl-C aborts at once (the last checkpoint is still intact). Repeated SIGTERMs are one
+    request: SLURM signals every process, and torchrun forwards the signal it gets to its workers."""
 
     def __enter__(self):
         self.requested = None  # the name of the first signal received
@@ -1008,9 +1464,9 @@ class StopOnSignal:
     def _handle(self, signum, frame):
         # No print here: a signal that lands while the loop is printing would make print re-enter
         # itself ("reentrant call") and crash. The loop announces the stop when it sees the flag.
-        if self.requested:
+        if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
-        self.requested = signal.Signals(signum).name
+        self.requested = self.requested or signal.Signals(signum).name
 
     def __exit__(self, *exc):
         for s, handler in self.previous.items():
@@ -1023,15 +1479,51 @@ def format_seconds(seconds: float) -> str:
     return f"{d}d{h:02d}h{m:02d}m" if d else f"{h}h{m:02d}m{s:02d}s"
 
 
-LOG_COLUMNS = ["iteration", "elapsed_s", "it_per_s", "lr", "D", "G", "adv", "cycle", "identity", "cam", "style", "content"]
+LOG_COLUMNS = ["iteration", "elapsed_s", "it_per_s", "lr", "D", "G", *LOSS_TERMS]
 
 
-def progress_line(iteration: int, iters: int, speed: float, lr: float, values: dict[str, float]) -> str:
-    """[  1200/1000000]   3.10 it/s  ETA 3d17h..  lr 1.00e-04  D 1.9  G 1043 = adv 3.1  cycle 0.8  ..."""
-    eta = format_seconds((iters - iteration) / max(speed, 1e-9))
-    terms = "  ".join(f"{k} {values[k]:.4g}" for k in ("adv", "cycle", "identity", "cam", "style", "content"))
-    return (f"[{iteration:>{len(str(iters))}}/{iters}] {speed:6.2f} it/s  ETA {eta}  lr {lr:.2e}  "
-            f"D {values['D']:.4g}  G {values['G']:.4g} = {terms}")
+class Progress:
+    """Progress lines: after the first iteration (with how long it took), then every --log-every
+    iterations or every 30 seconds, whichever comes first, each with speed and ETA. On a terminal
+    one line is rewritten in place; in a file (SLURM, nohup) each is a new plain line."""
+
+    SECONDS = 30
+
+    def __init__(self, cfg: Config, start: int, show: bool):
+        self.cfg, self.start, self.show = cfg, start, show
+        self.tty = sys.stdout.isatty()
+        self.began = self.last_time = time.time()
+        self.last_iteration, self.speed, self.in_place = start, 0.0, False
+
+    def due(self, iteration: int) -> bool:
+        return (iteration == self.start + 1 or iteration % self.cfg.log_every == 0 or iteration == self.cfg.iters
+                or time.time() - self.last_time >= self.SECONDS)
+
+    def eta(self, iteration: int) -> str:
+        return format_seconds((self.cfg.iters - iteration) / max(self.speed, 1e-9))
+
+    def report(self, iteration: int, lr: float, values: dict[str, float]) -> float:
+        """Print the line for this iteration; returns the speed (it/s) since the last report."""
+        now = time.time()
+        self.speed = (iteration - self.last_iteration) / max(now - self.last_time, 1e-9)
+        self.last_time, self.last_iteration = now, iteration
+        weights = loss_weights(self.cfg)
+        terms = "  ".join(f"{k} {values[k]:.4g}" for k in LOSS_TERMS if weights[k] > 0)
+        first = f" (first iteration: {1 / self.speed:.1f} s)" if iteration == self.start + 1 else ""
+        line = (f"[{iteration:>{len(str(self.cfg.iters))}}/{self.cfg.iters}] {self.speed:6.2f} it/s  ETA "
+                f"{self.eta(iteration)}  lr {lr:.2e}  D {values['D']:.4g}  G {values['G']:.4g} = {terms}{first}")
+        if self.show and self.tty:
+            print("\r" + line + "\x1b[K", end="", flush=True)
+            self.in_place = True
+        elif self.show:
+            print(line, flush=True)
+        return self.speed
+
+    def say(self, text: str):
+        """A message of its own line (the in-place progress line, if any, is kept above it)."""
+        if self.show:
+            print(("\n" if self.in_place else "") + text, flush=True)
+            self.in_place = False
 
 
 def open_log(path: Path, start: int):
@@ -1050,186 +1542,418 @@ def open_log(path: Path, start: int):
     return log_file, log
 
 
-def train(cfg: Config, checkpoint: dict | None = None) -> Path:
-    """Train (or, with cfg.resume, continue) a run in cfg.out. Returns the run folder."""
-    run = Path(cfg.out)
-    latest = run / "checkpoints" / "latest.pt"
+def colorize(heatmap: torch.Tensor, size: int) -> torch.Tensor:
+    """(B, 1, h, w) attention heatmap -> (B, 3, size, size) 'jet' colours in [-1, 1], each map
+    scaled to its own min..max (blue = least attended, red = most)."""
+    lo = heatmap.amin(dim=(2, 3), keepdim=True)
+    hi = heatmap.amax(dim=(2, 3), keepdim=True)
+    t = (heatmap.float() - lo) / (hi - lo).clamp_min(1e-8)
+    t = F.interpolate(t, size=(size, size), mode="bilinear", align_corners=False)
+    rgb = torch.cat([1.5 - (4 * t - c).abs() for c in (3, 2, 1)], dim=1).clamp(0, 1)  # (B, 3, S, S)
+    return rgb * 2 - 1
+
+
+def grid_columns(mask_fusion: bool) -> list[str]:
+    return ["input", "attention over the input"] + (["mask"] if mask_fusion else []) + ["translation", "cycle"]
+
+
+@torch.no_grad()
+def sample_grid(G_forward: Generator, G_backward: Generator, x: torch.Tensor) -> torch.Tensor:
+    """One row per test image, the columns of grid_columns(): the input, its attention heatmap
+    over it, AGGAN's mask (with mask fusion), the translation and the cycle reconstruction.
+    Under no_grad and eval(): no graph is kept, so sampling costs no memory (U-GAT-IT's code runs
+    out of memory here)."""
+    modes = [G_forward.training, G_backward.training]
+    G_forward.eval()
+    G_backward.eval()
+    out = G_forward(x)
+    reconstruction = G_backward(out.image).image
+    G_forward.train(modes[0])
+    G_backward.train(modes[1])
+    columns = [x, 0.5 * x + 0.5 * colorize(out.heatmap, x.shape[-1])]
+    if out.mask is not None:
+        columns.append(out.mask.float().expand_as(x) * 2 - 1)
+    columns += [out.image.float(), reconstruction.float()]
+    return torch.stack(columns, dim=1).flatten(0, 1)  # (n·columns, 3, S, S), row by row
+
+
+def save_image_grid(images: torch.Tensor, path: Path, ncol: int):
+    """Save (N, 3, S, S) images in [-1, 1] as one PNG with `ncol` columns and 2-px gutters."""
+    grid = make_grid(images.detach().float().cpu().clamp(-1, 1), nrow=ncol, padding=2, pad_value=1)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    to_pil(grid).save(path)
+
+
+def svg_chart(name: str, points: list[tuple[int, float]], width: int = 300, height: int = 120) -> str:
+    """An inline SVG line chart of (iteration, value) points, with the range printed beside it."""
+    if not points:
+        return f'<p class="empty" data-term="{name}">{name}: no rows in log.csv yet</p>'
+    xs, ys = [p[0] for p in points], [p[1] for p in points]
+    x0, x1 = min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1
+    y0, y1 = min(ys), max(ys) if max(ys) > min(ys) else min(ys) + 1
+    coords = " ".join(f"{(x - x0) / (x1 - x0) * (width - 10) + 5:.1f},{height - 5 - (y - y0) / (y1 - y0) * (height - 10):.1f}"
+                      for x, y in points)
+    return (f'<figure><svg width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img">'
+            f'<rect width="{width}" height="{height}" fill="#fafafa" stroke="#ccc"/>'
+            f'<polyline data-term="{name}" fill="none" stroke="#c33" stroke-width="1.5" points="{coords}"/></svg>'
+            f'<figcaption><b>{name}</b> {ys[-1]:.4g} (range {min(ys):.4g} to {max(ys):.4g}, '
+            f'iterations {xs[0]} to {xs[-1]})</figcaption></figure>')
+
+
+def write_run_page(run: Path, cfg: Config, iteration: int, speed: float, eta: str):
+    """RUN/index.html: the config, where the run is, the latest sample grids and a chart of every
+    loss term from log.csv. A static page that any browser opens: no server, nothing to install.
+    It reloads itself every minute while open."""
+    with open(run / "log.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    weights = loss_weights(cfg)
+    series = ["D", "G"] + [t for t in LOSS_TERMS if weights[t] > 0]
+    charts = "".join(svg_chart(name, [(int(r["iteration"]), float(r[name])) for r in rows if r.get(name)])
+                     for name in series)
+    columns = " | ".join(grid_columns(cfg.mask_fusion))
+    grids = "".join(f'<figure><img src="samples/{d}_{iteration:07d}.png" alt="{d} samples"><figcaption>'
+                    f'{label} at iteration {iteration}: one row per test image; columns: {columns}'
+                    f'</figcaption></figure>' for d, label in (("a2b", "A → B"), ("b2a", "B → A")))
+    config = "".join(f"<tr><td>{html.escape(k)}</td><td>{html.escape(str(v))}</td></tr>"
+                     for k, v in dataclasses.asdict(cfg).items())
+    page = (f'<!doctype html><html><head><meta charset="utf-8"><meta http-equiv="refresh" content="60">'
+            f'<title>magan: {html.escape(run.name)}</title><style>body{{font-family:sans-serif;margin:2em}}'
+            f'figure{{display:inline-block;margin:0 1em 1em 0;vertical-align:top}}img{{max-width:100%}}'
+            f'td{{padding:0 1em 0 0}}</style></head><body><h1>magan run {html.escape(run.name)}</h1>'
+            f'<p>iteration {iteration} of {cfg.iters} · {speed:.2f} it/s · ETA {eta} · updated '
+            f'{time.strftime("%Y-%m-%d %H:%M:%S")}</p><h2>Samples</h2>{grids}<h2>Losses (log.csv)</h2>'
+            f'{charts}<h2>Config</h2><table>{config}</table></body></html>')
+    write_atomically(run / "index.html", lambda f: f.write(page.encode()))
+
+
+def open_tensorboard(run: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise MaganError("--tensorboard needs the tensorboard package: pip install tensorboard "
+                         "(magan itself does not need it; RUN/index.html shows the same curves)") from None
+    return SummaryWriter(str(run / "tensorboard"))
+
+
+# --- 8.8 The loop -------------------------------------------------------------------------------
+
+LOGGED = ("D", "G", *LOSS_TERMS)  # the one list behind the progress line, log.csv and the NaN check
+
+
+@dataclass
+class Session:
+    """What one training run holds while it runs."""
+    cfg: Config
+    procs: Processes
+    device: torch.device
+    fast: bool
+    nets: MAGAN
+    vgg: VGGFeatures | None
+    opt_G: torch.optim.Optimizer
+    opt_D: torch.optim.Optimizer
+    autocast: object
+    data: UnpairedImages
+    samples: dict
+    start: int = 0
+    last_saved: int | None = None     # the iteration in latest.pt, once there is one
+    selfreg: AdaptiveWeight | None = None
+    loader: object = None
+    progress: Progress | None = None
+    log_file: object = None
+    log: object = None
+    tensorboard: object = None
+    reported: set = field(default_factory=set)
+
+    @property
+    def run(self) -> Path:
+        return Path(self.cfg.out)
+
+    @property
+    def latest(self) -> Path:
+        return self.run / "checkpoints" / "latest.pt"
+
+
+def check_new_run(cfg: Config, checkpoint: dict | None) -> tuple[Config, dict | None]:
+    """Everything about the run folder and the config that can be wrong, before anything slow.
+    Paths are stored resolved, so that --resume works from any folder."""
+    cfg = dataclasses.replace(cfg, **{k: str(Path(getattr(cfg, k)).resolve()) for k in PATH_FIELDS if getattr(cfg, k)})
+    latest = Path(cfg.out) / "checkpoints" / "latest.pt"
     if cfg.resume:
         checkpoint = checkpoint or load_checkpoint(latest)
         check_architecture(cfg, checkpoint["config"])
+        if checkpoint["iteration"] >= cfg.iters:
+            raise MaganError(f"the checkpoint is already at iteration {checkpoint['iteration']} and --iters is "
+                             f"{cfg.iters}: pass a larger --iters to train further")
     elif latest.exists():
-        raise MaganError(f"{run} already holds a run: pass --resume to continue it, or choose another --out")
-    if not any(w > 0 for w in (cfg.w_adv, cfg.w_cycle, cfg.w_identity, cfg.w_cam, cfg.w_style, cfg.w_content)):
+        raise MaganError(f"{cfg.out} already holds a run: pass --resume to continue it, or choose another --out")
+    if not any(w > 0 for w in loss_weights(cfg).values()):
         raise MaganError("every loss weight is 0: the generators would have nothing to learn")
-    device = pick_device(cfg.device)
-    fast = cfg.fast and device.type == "cuda"
-    torch.manual_seed(cfg.seed)  # random VGG (smoke runs) and the networks' initial weights
-    # Everything that can fail on the user's input fails here, before the first iteration.
-    vgg = load_vgg(cfg.vgg_weights) if (cfg.w_style > 0 or cfg.w_content > 0) else None
-    data = UnpairedImages(cfg.a, cfg.b, cfg.size, cfg.seed)
-    samples = {"a2b": fixed_images(sample_folder(cfg.a), cfg.n_samples, cfg.size).to(device),
-               "b2a": fixed_images(sample_folder(cfg.b), cfg.n_samples, cfg.size).to(device)}
+    return cfg, checkpoint
 
+
+def start_session(cfg: Config, checkpoint: dict | None = None) -> Session:
+    """Everything that can fail on the user's input (folders, weights, checkpoint) fails here,
+    before the first iteration. Then the networks, optimizers, data loader and outputs."""
+    cfg, checkpoint = check_new_run(cfg, checkpoint)
+    procs = Processes()
+    device = pick_device(cfg.device, procs.local_rank)
+    procs.start(device)
+    say = print if procs.main else (lambda *args, **kwargs: None)
+    torch.manual_seed(cfg.seed)  # the networks' initial weights (and a random VGG's)
+    vgg = None
+    if needs_vgg(cfg):
+        say("loading VGG19 for the perceptual losses ...", flush=True)
+        vgg = load_vgg(cfg.vgg_weights)
+    data = UnpairedImages(cfg.a, cfg.b, cfg.size, cfg.seed)
+    samples = {d: fixed_images(sample_folder(folder), cfg.n_samples, cfg.size).to(device)
+               for d, folder in (("a2b", cfg.a), ("b2a", cfg.b))}
+    say(f"building the networks ({'light' if cfg.light else 'full'} mode, {cfg.size} px) ...", flush=True)
+    fast = cfg.fast and device.type == "cuda"
     nets, vgg, autocast = place_networks(MAGAN(cfg), vgg, device, fast)
-    opt_G, opt_D = make_optimizers(nets, cfg, fast)
-    start = 0
-    if cfg.resume:
-        load_networks(dict(nets.named_children()), checkpoint)
-        load_optimizer_state(opt_G, checkpoint["opt_G"])
-        load_optimizer_state(opt_D, checkpoint["opt_D"])
-        torch.set_rng_state(checkpoint["torch_rng"])
-        start = checkpoint["iteration"]
-        if start >= cfg.iters:
-            raise MaganError(f"the checkpoint is already at iteration {start} and --iters is {cfg.iters}: "
-                             f"pass a larger --iters to train further")
-        print(f"resuming {run} from iteration {start}", flush=True)
+    s = Session(cfg, procs, device, fast, nets, vgg, *make_optimizers(nets, cfg, fast), autocast, data, samples)
+    s.selfreg = AdaptiveWeight(cfg, device) if cfg.w_selfreg > 0 and cfg.selfreg_target > 0 else None
+    if checkpoint is not None:
+        restore(s, checkpoint, say)
+    procs.broadcast(nets)
     if cfg.compile:
         for net in list(nets.children()) + ([vgg] if vgg is not None else []):
-            net.compile()  # in place: state_dict keys stay the same
+            net.compile()  # in place: the state_dict keys stay the same
+    open_outputs(s, say)
+    return s
 
-    run.mkdir(parents=True, exist_ok=True)
-    (run / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
-    loader = torch.utils.data.DataLoader(
-        data, batch_size=cfg.batch, sampler=range(start * cfg.batch, cfg.iters * cfg.batch),
-        num_workers=cfg.workers, collate_fn=collate_pairs, pin_memory=device.type == "cuda",
-        worker_init_fn=ignore_stop_signals if cfg.workers else None, persistent_workers=False)
-    log_file, log = open_log(run / "log.csv", start)
 
-    print(f"training {cfg.iters} iterations on {device} ({'bf16 fast path' if fast else 'fp32'}); "
-          f"{len(data.files[0])} + {len(data.files[1])} images; run folder {run}\n"
-          f"(the G loss starts near 1e3 because the CAM term is weighted {cfg.w_cam:g})", flush=True)
-    if device.type == "cpu" and cfg.size >= 128:
-        print("note: on a CPU an iteration at this size takes many seconds; for a quick look try "
-              "--size 64 --ch 16 --n-res 2 --iters 2000", flush=True)
-    reported_bad = set()
-    nonfinite = None  # per loss term: has it been non-finite since the last check?
-    last_saved = start
-    window_start, window_iter, t0 = time.time(), start, time.time()
-    iteration = start
+def restore(s: Session, ckpt: dict, say):
+    """Continue from a checkpoint: weights, optimizer moments, the iteration, SAT's weight."""
+    load_networks(dict(s.nets.named_children()), ckpt)
+    load_optimizer_state(s.opt_G, ckpt["opt_G"])
+    load_optimizer_state(s.opt_D, ckpt["opt_D"])
+    torch.set_rng_state(ckpt["torch_rng"])
+    s.start = s.last_saved = ckpt["iteration"]
+    if s.selfreg is not None and ckpt.get("selfreg") is not None:
+        s.selfreg.state = ckpt["selfreg"].to(s.device)
+    say(f"resuming {s.run} from iteration {s.start}", flush=True)
+    before = ckpt["config"]["iters"]
+    if before != s.cfg.iters:
+        old, new = learning_rate(s.start, config_from_checkpoint(ckpt)), learning_rate(s.start, s.cfg)
+        say(f"note: --iters changes from {before} to {s.cfg.iters}, and so does the learning-rate schedule: "
+            f"the rate at iteration {s.start} is now {new:.3g} (it was {old:.3g}); it stays constant to "
+            f"iteration {s.cfg.iters // 2} and then decays linearly to 0", flush=True)
+    processes = ckpt.get("processes", 1)
+    if processes != s.procs.world:
+        say(f"note: this checkpoint was trained by {processes} process(es) and continues with "
+            f"{s.procs.world}: from here on each iteration reads other samples than the original run "
+            f"would have (the global batch is now {s.procs.world} × {s.cfg.batch})", flush=True)
+
+
+def open_outputs(s: Session, say):
+    """The data loader, and on the main process the run folder: config.json, log.csv, progress."""
+    cfg = s.cfg
+    workers = resolve_workers(cfg.workers, s.procs.local_world)
+    s.loader = torch.utils.data.DataLoader(
+        s.data, batch_size=cfg.batch, sampler=IterationSamples(s.start, cfg.iters, cfg.batch, s.procs),
+        num_workers=workers, collate_fn=collate_pairs, pin_memory=s.device.type == "cuda",
+        worker_init_fn=ignore_stop_signals if workers else None)
+    s.progress = Progress(cfg, s.start, show=s.procs.main)
+    if not s.procs.main:
+        return
+    s.run.mkdir(parents=True, exist_ok=True)
+    config = json.dumps(dataclasses.asdict(cfg), indent=2) + "\n"
+    write_atomically(s.run / "config.json", lambda f: f.write(config.encode()))
+    s.log_file, s.log = open_log(s.run / "log.csv", s.start)
+    s.tensorboard = open_tensorboard(s.run) if cfg.tensorboard else None
+    path = "bf16 fast path" if s.fast else "fp32"
+    where = f"{s.procs.world} processes on {s.device.type}" if s.procs.world > 1 else str(s.device)
+    say(f"training {cfg.iters} iterations on {where} ({path}), {workers} data worker(s); "
+        f"{len(s.data.files[0])} + {len(s.data.files[1])} images; run folder {s.run}\n"
+        f"(the G loss starts near 1e3 because the CAM term is weighted {cfg.w_cam:g}; see it all in "
+        f"{s.run / 'index.html'})", flush=True)
+    if s.device.type == "cpu" and cfg.size >= 128:
+        say("note: on a CPU an iteration at this size takes many seconds; `python magan.py train` with no "
+            "data flags runs a small demo instead", flush=True)
+
+
+def report(s: Session, iteration: int, lr: float, losses: dict, logged: bool):
+    """The progress line (when due) and, every --log-every iterations, a log.csv row of the losses
+    averaged over the processes."""
+    stacked = torch.stack([losses[k] for k in LOGGED])
+    if logged:
+        stacked = s.procs.mean(stacked)  # every process takes part, at the same iterations
+    if not (logged or (s.procs.main and s.progress.due(iteration))):
+        return
+    values = dict(zip(LOGGED, stacked.tolist()))  # the only GPU sync of the iteration
+    speed = s.progress.report(iteration, lr, values)
+    if logged and s.procs.main:
+        s.log.writerow([iteration, round(time.time() - s.progress.began, 2), round(speed, 4), lr]
+                       + [values[k] for k in LOGGED])
+        s.log_file.flush()
+        if s.tensorboard is not None:
+            for name, value in values.items():
+                s.tensorboard.add_scalar(f"loss/{name}", value, iteration)
+
+
+def check_finite(s: Session, iteration: int, nonfinite: torch.Tensor):
+    """Stop on a NaN or infinite loss, naming the term, before it reaches a checkpoint."""
+    if not nonfinite.any():
+        return
+    names = [name for name, bad in zip(LOGGED, nonfinite.tolist()) if bad]
+    kept = (f"{s.latest} still holds the last good state (iteration {s.last_saved})" if s.last_saved is not None
+            else "no checkpoint had been saved yet")
+    raise MaganError(f"loss term(s) {', '.join(names)} became non-finite (NaN or inf) at iteration {iteration}"
+                     f"{'' if s.device.type == 'cpu' else ' or shortly before'}. {kept}. Try a lower --lr, "
+                     f"--no-fast, or a smaller weight for that term" + (", then --resume." if s.last_saved else "."))
+
+
+def write_samples(s: Session, iteration: int):
+    """Sample grids of both directions, and the run page that shows them."""
+    if not s.procs.main:
+        return
+    for direction, (G_fwd, G_bwd) in (("a2b", (s.nets.G_ab, s.nets.G_ba)), ("b2a", (s.nets.G_ba, s.nets.G_ab))):
+        grid = sample_grid(G_fwd, G_bwd, s.samples[direction])
+        save_image_grid(grid, s.run / "samples" / f"{direction}_{iteration:07d}.png", ncol=len(grid_columns(s.cfg.mask_fusion)))
+        if s.tensorboard is not None:
+            s.tensorboard.add_images(f"samples/{direction}", grid.float().add(1).div(2).clamp(0, 1), iteration)
+    write_run_page(s.run, s.cfg, iteration, s.progress.speed, s.progress.eta(iteration))
+    if iteration == s.start + s.cfg.sample_every or iteration == s.cfg.iters:
+        s.progress.say(f"sample grids in {s.run / 'samples'}; the run page: {s.run / 'index.html'}")
+
+
+def save(s: Session, iteration: int, stopping: bool, signal_name: str | None):
+    s.procs.check_in_sync(s.nets)
+    if stopping:
+        s.progress.say(f"{signal_name or 'a stop signal (to another process)'} received: saving iteration "
+                       f"{iteration} (press Ctrl-C again to abort without saving)")
+    if s.procs.main:
+        extra = dict(processes=s.procs.world, selfreg=s.selfreg.state.cpu() if s.selfreg else None)
+        save_checkpoint(s.latest, s.nets, s.opt_G, s.opt_D, iteration, s.cfg, **extra)
+        if iteration % s.cfg.snapshot_every == 0:
+            save_checkpoint(s.run / "checkpoints" / f"iter_{iteration:07d}.pt", s.nets, s.opt_G, s.opt_D,
+                            iteration, s.cfg, **extra)
+    s.last_saved = iteration
+
+
+def end_session(s: Session):
+    if s.log_file is not None:
+        s.log_file.close()
+    if s.tensorboard is not None:
+        s.tensorboard.close()
+    s.procs.finish()
+
+
+def train(cfg: Config, checkpoint: dict | None = None) -> Path:
+    """Train (or, with cfg.resume, continue) the run in cfg.out. Returns the run folder."""
+    s = start_session(cfg, checkpoint)
+    cfg, nonfinite, iteration = s.cfg, None, s.start
     try:
         with StopOnSignal() as stop:
-            for iteration, (x_a, x_b, skipped) in enumerate(loader, start + 1):
-                for name in set(skipped) - reported_bad:
+            for iteration, (x_a, x_b, skipped) in enumerate(s.loader, s.start + 1):
+                for name in set(skipped) - s.reported:
                     print(f"skipping unreadable image {name}", flush=True)
-                    reported_bad.add(name)
-                x_a, x_b = to_device(x_a, device, fast), to_device(x_b, device, fast)
+                    s.reported.add(name)
                 lr = learning_rate(iteration - 1, cfg)
-                for group in opt_G.param_groups + opt_D.param_groups:
+                for group in s.opt_G.param_groups + s.opt_D.param_groups:
                     group["lr"] = lr
-                losses = train_step(nets, vgg, opt_G, opt_D, x_a, x_b, cfg, autocast)
-
-                # Non-finite check: accumulated on the device, read back only when we print or save
-                # (on CPU reading is free, so every iteration) to keep the GPU free of sync points.
-                bad = ~torch.isfinite(torch.stack(list(losses.values())))
+                x_a, x_b = to_device(x_a, s.device, s.fast), to_device(x_b, s.device, s.fast)
+                weights = s.selfreg.weights(cfg) if s.selfreg else None
+                losses = train_step(s.nets, s.vgg, s.opt_G, s.opt_D, x_a, x_b, cfg, s.autocast, s.procs.sync, weights)
+                if s.selfreg:
+                    s.selfreg.update(s.procs.mean(losses["adv"]))
+                # Non-finite losses are noted on the device and read back only when we log or save
+                # (on a CPU reading is free, so every iteration): the GPU never waits for the check.
+                bad = ~torch.isfinite(torch.stack([losses[k] for k in LOGGED]))
                 nonfinite = bad if nonfinite is None else nonfinite | bad
-                logging = iteration % cfg.log_every == 0 or iteration == cfg.iters
-                snapshot = iteration % cfg.snapshot_every == 0
-                saving = iteration % cfg.save_every == 0 or iteration == cfg.iters or snapshot or stop.requested
-                if device.type == "cpu" or logging or saving:
-                    if nonfinite.any():
-                        names = [n for n, b in zip(losses, nonfinite.tolist()) if b]
-                        raise MaganError(
-                            f"loss term(s) {', '.join(names)} became non-finite (NaN or inf) at iteration "
-                            f"{iteration}{'' if device.type == 'cpu' else ' or shortly before'}. "
-                            f"{latest} still holds the last good state (iteration {last_saved}). "
-                            f"Try a lower --lr, --no-fast, or a smaller weight for that term, then --resume.")
-                if logging:
-                    now = time.time()
-                    speed = (iteration - window_iter) / max(now - window_start, 1e-9)
-                    window_start, window_iter = now, iteration
-                    values = {k: v.item() for k, v in losses.items()}  # the only GPU sync
-                    print(progress_line(iteration, cfg.iters, speed, lr, values), flush=True)
-                    log.writerow([iteration, round(now - t0, 2), round(speed, 4), lr] + [values[k] for k in LOG_COLUMNS[4:]])
-                    log_file.flush()
+                logged = iteration % cfg.log_every == 0 or iteration == cfg.iters
+                saving = iteration % cfg.save_every == 0 or iteration % cfg.snapshot_every == 0 or iteration == cfg.iters
+                if s.device.type == "cpu" or logged or saving:
+                    check_finite(s, iteration, s.procs.maximum(nonfinite.float()) > 0)
+                report(s, iteration, lr, losses, logged)
                 if iteration % cfg.sample_every == 0 or iteration == cfg.iters:
-                    for direction, (G_fwd, G_bwd) in (("a2b", (nets.G_ab, nets.G_ba)), ("b2a", (nets.G_ba, nets.G_ab))):
-                        grid = sample_grid(G_fwd, G_bwd, samples[direction])
-                        save_image_grid(grid, run / "samples" / f"{direction}_{iteration:07d}.png", ncol=4)
-                if saving or stop.requested:  # a signal may have come while sampling or logging
-                    if stop.requested:
-                        print(f"\n{stop.requested} received: saving iteration {iteration} "
-                              f"(press Ctrl-C again to abort without saving)", flush=True)
-                    save_checkpoint(latest, nets, opt_G, opt_D, iteration, cfg)
-                    last_saved = iteration
-                    if snapshot:
-                        save_checkpoint(run / "checkpoints" / f"iter_{iteration:07d}.pt", nets, opt_G, opt_D, iteration, cfg)
-                if stop.requested:
-                    print(f"stopped at iteration {iteration}; saved {latest}.\n"
-                          f"continue with: python magan.py train --out {run} --resume", flush=True)
-                    return run
+                    write_samples(s, iteration)
+                stopping = s.procs.any(stop.requested is not None)  # a signal may also come while sampling
+                if saving or stopping:
+                    save(s, iteration, stopping, stop.requested)
+                if stopping:
+                    s.progress.say(f"stopped at iteration {iteration}; saved {s.latest}.\n"
+                                   f"continue with: python magan.py train --out {s.run} --resume")
+                    return s.run
     finally:
-        log_file.close()
-    print(f"done: {iteration} iterations; checkpoint {latest}", flush=True)
-    return run
+        end_session(s)
+    s.progress.say(f"done: {iteration} iterations; checkpoint {s.latest}")
+    return s.run
 
 
 # =================================================================================================
-# 8. Translation: apply one trained generator to a folder (or one image)
+# 9. Translation: apply a trained generator to a folder or an image
 # =================================================================================================
 
-def load_generator(ckpt_path: str | Path, direction: str, device: torch.device) -> tuple[Generator, Config]:
-    """The generator of `direction` (a2b or b2a) from a training checkpoint, in eval mode."""
-    ckpt = load_checkpoint(ckpt_path)
+def load_generator(path: str | Path, direction: str, device: torch.device) -> tuple[Generator, Config]:
+    """The generator of `direction` (a2b or b2a) from a training checkpoint or an export, in eval mode."""
+    ckpt = load_checkpoint(path, formats=(CHECKPOINT_FORMAT, EXPORT_FORMAT))
     cfg = config_from_checkpoint(ckpt)
     name = {"a2b": "G_ab", "b2a": "G_ba"}[direction]
-    G = Generator(cfg.ch, cfg.n_res, cfg.size, cfg.light, cfg.attention, cfg.p_gen)
+    G = Generator(cfg.ch, cfg.n_res, cfg.size, cfg.light, cfg.attention, cfg.p_gen, cfg.mask_fusion)
     load_networks({name: G}, ckpt)
     return G.to(device).eval(), cfg
 
 
-def input_files(path: str | Path) -> list[Path]:
-    path = Path(path)
-    if path.is_file():
-        return [path]
-    return list_images(path)
+def destinations(input_path: Path, out: Path) -> tuple[list[Path], list[Path]]:
+    """The input files and where each translation goes: OUT/NAME for every image of a folder (the
+    same file names, what a KID tool expects), or OUT itself for one image when OUT names an image."""
+    if input_path.is_file():
+        if out.suffix.lower() in IMAGE_SUFFIXES:
+            return [input_path], [out]
+        return [input_path], [out / input_path.name]
+    if out.resolve() == input_path.resolve():
+        raise MaganError(f"--out {out} is the input folder: the translations would overwrite the originals")
+    files = list_images(input_path)
+    return files, [out / f.name for f in files]
 
 
 @torch.no_grad()
 def translate(ckpt: str | Path, input_path: str | Path, out: str | Path, direction: str = "a2b",
-              heatmaps: bool = False, batch: int = 8, device: str = "auto", size: int | None = None) -> list[Path]:
-    """Translate every image under `input_path` and write each under its own file name in `out`
-    (what a KID tool expects); with `heatmaps`, the attention heatmap goes to out/heatmaps/.
-    Inputs of any size and mode are converted to RGB and resized to the training size S: the
-    generator runs where it was trained. Returns the written paths."""
+              heatmaps: bool = False, batch: int = 8, device: str = "auto", size: int | None = None,
+              keep_size: bool = True) -> list[Path]:
+    """Translate an image or every image of a folder (any size and mode). Each image is resized to
+    the training size S (or `size`) where the generator works, and the translation resized back to
+    the input's own size and aspect ratio (`keep_size`; else it stays SxS). With `heatmaps`, the
+    attention heatmaps go to OUT/heatmaps/ and AGGAN's masks to OUT/masks/. Returns the written paths."""
     device = pick_device(device)
     G, cfg = load_generator(ckpt, direction, device)
     size = size or cfg.size
     if size % 32:
         raise MaganError(f"--size {size} is not a multiple of 32")
     if size != cfg.size and not cfg.light:
-        raise MaganError(f"this checkpoint is a full-mode model: it only translates at its training size "
-                         f"{cfg.size} (its MLP reads the whole {cfg.size // 4}x{cfg.size // 4} attention map)")
-    files = input_files(input_path)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+        raise MaganError(f"this is a full-mode model: it only translates at its training size {cfg.size} "
+                         f"(its MLP reads the whole {cfg.size // 4}x{cfg.size // 4} attention map)")
+    files, targets = destinations(Path(input_path), Path(out))
+    target_of = dict(zip(files, targets))
     written, start = [], time.time()
     for first in range(0, len(files), batch):
-        names, images = [], []
-        for path in files[first:first + batch]:
-            try:
-                im = load_rgb(path, size).resize((size, size), Image.Resampling.BILINEAR)
-            except Exception as e:
-                print(f"skipping unreadable image {path} ({type(e).__name__})", flush=True)
-                continue
-            names.append(path.name)
-            images.append(to_tensor(im))
-        if not images:
+        chunk = list(readable_images(files[first:first + batch], size))  # (path, image) of those that decode
+        if not chunk:
             continue
-        fake, _, heatmap = G(torch.stack(images).to(device))  # (n, 3, S, S), _, (n, 1, S/4, S/4)
-        colours = colorize(heatmap, size)                      # (n, 3, S, S)
-        for name, image, colour in zip(names, fake, colours):
-            to_pil(image).save(out / name, quality=95)         # quality: only read for JPEG
-            written.append(out / name)
+        x = torch.stack([to_tensor(im.resize((size, size), Image.Resampling.BILINEAR)) for _, im in chunk])
+        result = G(x.to(device))                                # image: (n, 3, S, S), heatmap: (n, 1, S/4, S/4)
+        colours = colorize(result.heatmap, size)                 # (n, 3, S, S)
+        for i, (path, im) in enumerate(chunk):
+            shape = im.size if keep_size else (size, size)
+            target = target_of[path]
+            target.parent.mkdir(parents=True, exist_ok=True)
+            to_pil(result.image[i]).resize(shape, Image.Resampling.BICUBIC).save(target, quality=95)  # quality: JPEG only
+            written.append(target)
             if heatmaps:
-                (out / "heatmaps").mkdir(exist_ok=True)
-                to_pil(colour).save(out / "heatmaps" / (Path(name).stem + ".png"))
+                pictures = [("heatmaps", colours[i])] + ([("masks", result.mask[i].expand(3, -1, -1) * 2 - 1)]
+                                                        if result.mask is not None else [])
+                for folder, picture in pictures:
+                    (target.parent / folder).mkdir(exist_ok=True)
+                    to_pil(picture).resize(shape, Image.Resampling.BILINEAR).save(target.parent / folder / (target.stem + ".png"))
         done = min(first + batch, len(files))
         print(f"translated {done}/{len(files)} images ({done / max(time.time() - start, 1e-9):.1f} img/s)", flush=True)
     return written
 
 
 # =================================================================================================
-# 9. KID: kernel inception distance (MAGAN §3.5.1, U-GAT-IT §3.3.4)
+# 10. KID: kernel inception distance (MAGAN §3.5.1, U-GAT-IT §3.3.4)
+# =================================================================================================
 #
 #   KID = MMD²(real, fake) with the kernel k(x, y) = (xᵀy / d + 1)³ on d = 2048 Inception features.
 #   Unbiased estimate for sets X (m rows) and Y (n rows):
@@ -1239,7 +1963,6 @@ def translate(ckpt: str | Path, input_path: str | Path, out: str | Path, directi
 # average it are in use, and their numbers differ:
 #   blocks  (TF-GAN, the papers' tables): disjoint blocks of at most 10 images; mean ± standard error
 #   subsets (torch-fidelity, torchmetrics): 100 random subsets of 1000; mean ± population std
-# =================================================================================================
 
 def polynomial_kernel(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """k(x, y) = (xᵀy / d + 1)³ for all pairs: (m, d), (n, d) -> (m, n)."""
@@ -1266,8 +1989,8 @@ def kid_from_features(real: torch.Tensor, fake: torch.Tensor, protocol: str = "b
     """KID between two feature sets (N, d), in raw units: (mean, std). Computed in float64.
 
     blocks:  TF-GAN's estimator. n_blocks = ceil(max(n_real, n_fake) / block_size); both sets are
-             cut, in the order given, into n_blocks consecutive blocks; std = sqrt(var_unbiased / n_blocks),
-             the standard error of the mean. `seed` is not used (shuffle the rows beforehand if needed).
+             cut, in the order given, into n_blocks consecutive blocks; std = sqrt(var_unbiased /
+             n_blocks), the standard error of the mean. `seed` is not used (shuffle beforehand).
     subsets: torch-fidelity's estimator. `subsets` times, draw `subset_size` rows of each set without
              replacement (torch.Generator seeded with `seed`); std = population std over the subsets."""
     real, fake = real.double(), fake.double()
@@ -1298,7 +2021,368 @@ def kid_from_features(real: torch.Tensor, fake: torch.Tensor, protocol: str = "b
     raise ValueError(f"unknown KID protocol {protocol!r}: use blocks or subsets")
 
 
-# --- The FID Inception: TF's 2015-12-05 Inception graph, as ported by pytorch-fid ------------------
+FID_INCEPTION_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
+                     "pt_inception-2015-12-05-6726825d.pth")
+
+INCEPTION_HELP = """KID needs the {what} weights, and they could not be loaded ({reason}). Fixes:
+  * with internet, run once: they are downloaded to {cache}
+    (or copy {file} from another machine into that folder)
+  * --inception-weights PATH   {file} copied here
+  * {other}"""
+
+
+def load_inception(kind: str = "fid", weights: str | None = None) -> InceptionFeatures:
+    """kind: fid (the papers' features, appendix B) or imagenet (torchvision's, not comparable)."""
+    if kind == "imagenet":
+        print("warning: torchvision's ImageNet Inception gives KID values that are NOT comparable "
+              "with the papers' tables (they used the FID Inception)", flush=True)
+        net, url = inception_v3(weights=None, aux_logits=True, init_weights=False), Inception_V3_Weights.IMAGENET1K_V1.url
+        what, other = "torchvision ImageNet Inception-v3", "--inception fid        the FID Inception (the papers' numbers)"
+    else:
+        net, url = fid_inception_v3(), FID_INCEPTION_URL
+        what, other = "FID Inception", "--inception imagenet   torchvision's Inception (numbers NOT comparable with the papers')"
+    try:
+        net.load_state_dict(fetch_state_dict(url, weights))
+    except Exception as e:
+        raise MaganError(INCEPTION_HELP.format(what=what, reason=first_line(e), file=url.rsplit("/", 1)[1],
+                                               cache=Path(torch.hub.get_dir()) / "checkpoints", other=other)) from None
+    return InceptionFeatures(net)
+
+
+@torch.no_grad()
+def inception_features(files: list[Path], net: InceptionFeatures, device: torch.device, batch: int = 50) -> torch.Tensor:
+    """(N, 2048) features of image files, batched; unreadable files are reported and skipped."""
+    net = net.to(device)
+    features, start, done = [], time.time(), 0
+    for first in range(0, len(files), batch):
+        images = [to_tensor(im).add(1).div(2) for _, im in readable_images(files[first:first + batch])]  # [0, 1]
+        if images:
+            x = torch.stack([F.interpolate(im[None], size=(299, 299), mode="bilinear", align_corners=False)[0]
+                             for im in images])                  # (n, 3, 299, 299)
+            features.append(net(x.to(device)).double().cpu())    # (n, 2048)
+        done = min(first + batch, len(files))
+        print(f"  Inception features: {done}/{len(files)} images of {files[0].parent} "
+              f"({done / max(time.time() - start, 1e-9):.1f} img/s)", flush=True)
+    if not features:
+        raise MaganError(f"no image in {files[0].parent if files else 'the folder'} could be decoded")
+    return torch.cat(features)
+
+
+def kid_between_folders(real: str | Path, fake: str | Path, protocol: str = "blocks", block_size: int = 10,
+                        subsets: int = 100, subset_size: int = 1000, seed: int = 0, inception: str = "fid",
+                        inception_weights: str | None = None, device: str = "auto", batch: int = 50) -> tuple[float, float]:
+    """KID between two image folders, printed ×100 as the papers do. The file lists are shuffled
+    with `seed` first, so the blocks do not follow a sorted listing. Returns (mean, std), ×1."""
+    dev = pick_device(device)
+    lists = []
+    for folder in (real, fake):
+        files = list_images(folder)
+        lists.append([files[i] for i in torch.randperm(len(files), generator=torch.Generator().manual_seed(seed))])
+    smaller = min(len(files) for files in lists)
+    if protocol == "subsets" and subset_size >= smaller:
+        raise MaganError(f"--subset-size {subset_size} is not smaller than the smaller folder ({smaller} images): "
+                         f"every subset would be the whole set and the ± would be 0. Pass --subset-size "
+                         f"{max(2, smaller // 2)}, or use --protocol blocks (the papers' estimator)")
+    net = load_inception(inception, inception_weights)
+    real_features, fake_features = (inception_features(files, net, dev, batch) for files in lists)
+    try:
+        mean, std = kid_from_features(real_features, fake_features, protocol, block_size, subsets, subset_size, seed)
+    except ValueError as e:
+        raise MaganError(str(e)) from None
+    detail = f"blocks of at most {block_size}" if protocol == "blocks" else f"{subsets} subsets of {subset_size}"
+    print(f"KID×100 = {100 * mean:.2f} ± {100 * std:.2f}   ({protocol}: {detail}; {len(real_features)} real, "
+          f"{len(fake_features)} fake images; {inception} Inception)", flush=True)
+    return mean, std
+
+
+# =================================================================================================
+# 11. Command line: python magan.py train | translate | kid | export | bench
+# =================================================================================================
+
+def checked(convert, rule, explain: str):
+    """An argparse `type` that converts the text and refuses values that break `rule`."""
+    def parse(text: str):
+        value = convert(text)
+        if not rule(value):
+            raise argparse.ArgumentTypeError(f"{text} {explain}")
+        return value
+    return parse
+
+
+VALIDATORS = dict(
+    image_size=checked(int, lambda v: v >= 32 and v % 32 == 0, "is not a multiple of 32 (at least 32): the generator "
+                       "halves the image twice and the global discriminator up to five times"),
+    positive_int=checked(int, lambda v: v > 0, "must be a positive integer"),
+    worker_count=checked(int, lambda v: v >= -1, "must be 0 or more (or -1: automatic)"),
+    weight=checked(float, lambda v: math.isfinite(v) and v >= 0, "must be a finite number >= 0 (0 switches the term off)"),
+    positive_float=checked(float, lambda v: math.isfinite(v) and v > 0, "must be a finite number > 0"),
+    fraction=checked(float, lambda v: 0 <= v < 1, "must be in [0, 1)"),
+    sam_exponent=checked(float, lambda v: math.isfinite(v) and v >= 1, "must be at least 1: |θ|^p with p < 1 has an "
+                         "infinite gradient where θ = 0, and ReLU features are exactly 0 often"),
+    device_name=checked(str, lambda v: v in ("auto", "cpu", "cuda") or (v.startswith("cuda:") and v[5:].isdigit()),
+                        "is not a device: use auto, cpu, cuda or cuda:N"),
+)
+
+# U-GAT-IT's flags (its README's commands) and their magan spelling, for users who come from it.
+UGATIT_FLAGS = {"--img_size": "--size", "--light": "--light or --full (no value)", "--iteration": "--iters",
+                "--batch_size": "--batch", "--print_freq": "--log-every", "--save_freq": "--save-every",
+                "--dataset": "--data ROOT", "--result_dir": "--out", "--resume": "--resume (no value)",
+                "--adv_weight": "--w-adv", "--cycle_weight": "--w-cycle", "--identity_weight": "--w-identity",
+                "--cam_weight": "--w-cam", "--weight_decay": "--weight-decay", "--n_res": "--n-res",
+                "--decay_flag": "nothing: the rate always decays over the second half",
+                "--phase": "the commands train and translate", "--benchmark_flag": "nothing: on with the fast path"}
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, plus a hint of magan's spelling when a U-GAT-IT flag is given."""
+    argv: list[str] = []
+
+    def error(self, message: str):
+        hints = [f"  {flag} -> {UGATIT_FLAGS[flag]}" for flag in dict.fromkeys(a.split("=")[0] for a in self.argv)
+                 if flag in UGATIT_FLAGS and flag.replace("_", "-") not in self._option_string_actions]
+        if any(a in ("True", "False") for a in self.argv):
+            hints.append("  on/off flags take no value: --light / --full, --resume, --fast / --no-fast")
+        if hints:
+            message += "\nmagan spells U-GAT-IT's flags differently:\n" + "\n".join(hints)
+        super().error(message)
+
+
+def add_config_flags(parser: argparse.ArgumentParser, defaults: Config):
+    """One flag per Config field. Unset flags are left out of the parsed namespace (SUPPRESS), so
+    --resume can tell what the user asked for from what the checkpoint already says."""
+    for f in dataclasses.fields(Config):
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f"{f.metadata['help']} (default: {getattr(defaults, f.name)})"
+        if isinstance(f.default, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
+        else:
+            kind = f.metadata.get("type", type(f.default))
+            parser.add_argument(flag, type=VALIDATORS.get(kind, kind), choices=f.metadata.get("choices"),
+                                default=argparse.SUPPRESS, help=help_text)
+    parser.add_argument("--full", dest="light", action="store_false", default=argparse.SUPPRESS,
+                        help="full mode, the paper's setting (same as --no-light)")
+
+
+def add_kid_flags(parser: argparse.ArgumentParser):
+    parser.add_argument("--protocol", choices=("blocks", "subsets"), default="blocks",
+                        help="blocks: TF-GAN's estimator, the papers' numbers; subsets: torch-fidelity/torchmetrics'")
+    parser.add_argument("--block-size", type=VALIDATORS["positive_int"], default=10, help="largest block (blocks)")
+    parser.add_argument("--subsets", type=VALIDATORS["positive_int"], default=100, help="number of subsets (subsets)")
+    parser.add_argument("--subset-size", type=VALIDATORS["positive_int"], default=1000, help="subset size (subsets)")
+    parser.add_argument("--seed", type=int, default=0, help="shuffles the file lists and draws the subsets")
+    parser.add_argument("--inception", choices=("fid", "imagenet"), default="fid",
+                        help="fid: the papers' features; imagenet: torchvision's, not comparable")
+    parser.add_argument("--inception-weights", metavar="PATH", help="a local copy of the Inception weights")
+    parser.add_argument("--kid-batch", type=VALIDATORS["positive_int"], default=50, help="images per Inception pass")
+
+
+def build_parser(argv: list[str]) -> Parser:
+    Parser.argv = argv
+    defaults = argparse.ArgumentDefaultsHelpFormatter
+    parser = Parser(prog="magan.py", description="MAGAN: unsupervised image-to-image translation with "
+                                                 "multi-angle attention.", formatter_class=defaults)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
+    add_config_flags(commands.add_parser("train", help="train (a quick demo on data/ when no data is given)"), Config())
+    t = commands.add_parser("translate", help="translate images with a trained model", formatter_class=defaults)
+    t.add_argument("--ckpt", required=True, help="a checkpoint (runs/NAME/checkpoints/latest.pt) or an export")
+    t.add_argument("--input", required=True, help="an image or a folder of images (any size or mode)")
+    t.add_argument("--out", required=True, help="output folder (one image per input, same file name), or a "
+                                                "file name when --input is one image")
+    t.add_argument("--direction", choices=("a2b", "b2a"), default="a2b")
+    t.add_argument("--heatmaps", action="store_true", help="also write attention heatmaps (and masks) beside them")
+    t.add_argument("--keep-size", action=argparse.BooleanOptionalAction, default=True,
+                   help="write each translation at its input's size and aspect ratio (else SxS)")
+    t.add_argument("--size", type=VALIDATORS["image_size"], help="run the generator at this size (default: the "
+                                                                   "training size; light mode only)")
+    t.add_argument("--batch", type=VALIDATORS["positive_int"], default=8, help="images per forward pass")
+    t.add_argument("--device", type=VALIDATORS["device_name"], default="auto")
+    t.add_argument("--kid-against", metavar="DIR", help="then score the translations against the real "
+                                                        "target-domain images in DIR (e.g. testB)")
+    add_kid_flags(t)
+    k = commands.add_parser("kid", help="kernel inception distance between two image folders", formatter_class=defaults)
+    k.add_argument("--real", required=True, help="folder of real target-domain images")
+    k.add_argument("--fake", required=True, help="folder of translated images")
+    k.add_argument("--device", type=VALIDATORS["device_name"], default="auto")
+    add_kid_flags(k)
+    e = commands.add_parser("export", help="the generators and config of a checkpoint, for sharing and translating")
+    e.add_argument("--ckpt", required=True, help="a training checkpoint")
+    e.add_argument("--out", required=True, help="the file to write, e.g. horse2zebra.pt")
+    b = commands.add_parser("bench", help="time full training iterations: fp32, fast path, peak memory",
+                            formatter_class=defaults)
+    add_bench_flags(b)
+    return parser
+
+
+def given_flags(args: argparse.Namespace) -> dict:
+    """The Config fields set on the command line (unset flags are absent, see add_config_flags)."""
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(Config) if hasattr(args, f.name)}
+
+
+def train_command(args: argparse.Namespace):
+    given = given_flags(args)
+    if given.get("resume"):  # flags not given on the command line come from the checkpoint
+        checkpoint = load_checkpoint(Path(given.get("out", Config.out)) / "checkpoints" / "latest.pt")
+        train(config_from_checkpoint(checkpoint, **given), checkpoint)
+        return
+    cfg, note = make_config(given)
+    if note and Processes().main:
+        print(note, flush=True)
+    train(cfg)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(argv)
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    try:
+        if args.command == "train":
+            train_command(args)
+        elif args.command == "translate":
+            translate(args.ckpt, args.input, args.out, args.direction, args.heatmaps, args.batch, args.device,
+                      args.size, args.keep_size)
+            if args.kid_against:
+                kid_between_folders(args.kid_against, args.out, **kid_args(args))
+        elif args.command == "kid":
+            kid_between_folders(args.real, args.fake, **kid_args(args))
+        elif args.command == "export":
+            export_generators(args.ckpt, args.out)
+        elif args.command == "bench":
+            bench_command(args)
+    except MaganError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def kid_args(args: argparse.Namespace) -> dict:
+    return dict(protocol=args.protocol, block_size=args.block_size, subsets=args.subsets,
+                subset_size=args.subset_size, seed=args.seed, inception=args.inception,
+                inception_weights=args.inception_weights, device=args.device, batch=args.kid_batch)
+
+
+# #################################################################################################
+# Appendix A. Benchmark: how fast is one full training iteration (D step + G step, every loss)?
+# #################################################################################################
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    """CUDA: the most memory tensors have held (since the last reset). CPU: the process's peak
+    resident memory, a rough stand-in (it also counts Python and libraries). NaN where unknown."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    try:
+        import resource  # Unix only
+    except ImportError:
+        return float("nan")
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def add_bench_flags(b: argparse.ArgumentParser):
+    b.add_argument("--size", type=VALIDATORS["image_size"], default=256)
+    b.add_argument("--light", action=argparse.BooleanOptionalAction, default=True, help="light or --no-light")
+    b.add_argument("--full", dest="light", action="store_false", help="full mode (the paper's setting)")
+    b.add_argument("--ch", type=VALIDATORS["positive_int"], default=64)
+    b.add_argument("--n-res", type=VALIDATORS["positive_int"], default=4)
+    b.add_argument("--attention", choices=("ma", "cam", "sam", "none"), default="ma")
+    b.add_argument("--preset", choices=tuple(PRESETS), default="magan", help="ugatit: no VGG losses, CAM attention")
+    b.add_argument("--batch", type=VALIDATORS["positive_int"], default=1)
+    b.add_argument("--device", type=VALIDATORS["device_name"], default="auto")
+    b.add_argument("--iters", type=VALIDATORS["positive_int"], default=20, help="timed iterations")
+    b.add_argument("--warmup", type=VALIDATORS["positive_int"], default=5, help="untimed iterations first")
+    b.add_argument("--compile", action="store_true", help="also time the fast path under torch.compile")
+
+
+def bench_command(args: argparse.Namespace):
+    values = {**PRESETS[args.preset], "size": args.size, "light": args.light, "ch": args.ch, "n_res": args.n_res,
+              "batch": args.batch, "device": args.device, "compile": args.compile, "preset": args.preset}
+    if args.preset == "magan":
+        values["attention"] = args.attention
+    bench(Config(**values), args.iters, args.warmup)
+
+
+def time_iterations(cfg: Config, mode: str, device: torch.device, procs: Processes, iters: int, warmup: int) -> dict:
+    """Warm up, then time `iters` training steps of one path (fp32, fast, fast+compile)."""
+    fast = mode.startswith("fast")
+    torch.manual_seed(cfg.seed)
+    vgg = VGGFeatures(vgg19_features()) if needs_vgg(cfg) else None  # random weights: the same computation
+    nets, vgg, autocast = place_networks(MAGAN(cfg), vgg, device, fast)
+    opt_G, opt_D = make_optimizers(nets, cfg, fast)
+    if mode.endswith("+compile"):
+        for net in list(nets.children()) + ([vgg] if vgg is not None else []):
+            net.compile()
+    x_a = to_device(torch.rand(cfg.batch, 3, cfg.size, cfg.size) * 2 - 1, device, fast)
+    x_b = to_device(torch.rand(cfg.batch, 3, cfg.size, cfg.size) * 2 - 1, device, fast)
+    synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    timings = []
+    for n in (warmup, iters):  # warm-up: cuDNN autotuning, compilation, allocator
+        start = time.perf_counter()
+        for _ in range(n):
+            train_step(nets, vgg, opt_G, opt_D, x_a, x_b, cfg, autocast, procs.sync)
+        synchronize()
+        timings.append(time.perf_counter() - start)
+        if procs.main:
+            print(f"  {mode}: {'warm-up' if len(timings) == 1 else 'timed'} {n} iterations in {timings[-1]:.1f} s",
+                  flush=True)
+    return dict(mode=mode, it_per_s=iters / timings[1], ms_per_iter=1000 * timings[1] / iters, warmup_s=timings[0])
+
+
+def bench(cfg: Config, iters: int = 20, warmup: int = 5) -> list[dict]:
+    """Time full training iterations for the plain fp32 path and (on CUDA) the fast path, plus the
+    fast path under torch.compile with cfg.compile. Random images stand in for data (the loader
+    runs in worker processes, beside the GPU) and a random VGG19 for the ImageNet one (the same
+    computation). Under torchrun every process times its own share. Prints a table; returns its rows."""
+    procs = Processes()
+    device = pick_device(cfg.device, procs.local_rank)
+    procs.start(device)
+    host_baseline = peak_memory_gib(device) if device.type == "cpu" else 0.0
+    modes = ["fp32"] + (["fast"] if device.type == "cuda" else [])
+    if cfg.compile:
+        modes.append(modes[-1] + "+compile")
+    with torch.device("meta"):  # only counted: shapes, no memory
+        model = MAGAN(cfg)
+        model.vgg = vgg19_features()
+    say = print if procs.main else (lambda *args, **kwargs: None)
+    say(f"MAGAN at {cfg.size}px, {'light' if cfg.light else 'full'}, ch {cfg.ch}, n_res {cfg.n_res}, attention "
+        f"{cfg.attention}, preset {cfg.preset}, batch {cfg.batch} per process, {procs.world} process(es) on {device}"
+        + (f" ({torch.cuda.get_device_name(device)}, torch {torch.__version__})" if device.type == "cuda" else
+           f" (torch {torch.__version__}, {torch.get_num_threads()} threads)"))
+    say(f"parameters: generator {count_parameters(model.G_ab) / 1e6:.2f}M (x2), global D "
+        f"{count_parameters(model.D_ga) / 1e6:.2f}M (x2), local D {count_parameters(model.D_la) / 1e6:.2f}M (x2), "
+        f"total {count_parameters(model) / 1e6:.2f}M"
+        + (f"; VGG19 to relu5_4 {count_parameters(model.vgg) / 1e6:.2f}M (frozen)" if needs_vgg(cfg) else ""))
+    rows = []
+    for mode in modes:
+        row = time_iterations(cfg, mode, device, procs, iters, warmup)
+        row["peak_gib"] = peak_memory_gib(device) - host_baseline
+        row["total_img_per_s"] = procs.mean(torch.tensor(row["it_per_s"])).item() * procs.world * cfg.batch
+        rows.append(row)
+    say(f"\n{'path':<14}{'it/s':>8}{'ms/iter':>10}{'images/s, all':>15}{'peak GiB':>10}{'warm-up s':>11}"
+        f"{'1M iterations':>15}{'speed-up':>10}")
+    for row in rows:
+        say(f"{row['mode']:<14}{row['it_per_s']:>8.2f}{row['ms_per_iter']:>10.1f}{row['total_img_per_s']:>15.2f}"
+            f"{row['peak_gib']:>10.2f}{row['warmup_s']:>11.1f}{format_seconds(1e6 / row['it_per_s']):>15}"
+            f"{rows[0]['ms_per_iter'] / row['ms_per_iter']:>9.2f}x")
+    if procs.world > 1:
+        say(f"(it/s and ms/iter: rank 0's; every process trains on {cfg.batch} image(s) per domain and iteration)")
+    if device.type != "cuda":
+        say("(the fast path is CUDA-only: on CPU training always runs the fp32 path. Peak GiB on CPU is the\n"
+            " growth of the process's peak resident memory, cumulative over rows: a rough upper bound)")
+    procs.finish()
+    return rows
+
+
+# #################################################################################################
+# Appendix B. The FID Inception: TF's 2015-12-05 Inception graph, as ported by pytorch-fid
+# #################################################################################################
 # torchvision's Inception-v3 classes with 1008 outputs, except that the average-pooling branch of
 # the Mixed blocks ignores padding, and Mixed_7c pools with a 3x3 max-pool. The features are the
 # 2048-d global average pool. Only these features give numbers comparable with the papers' tables.
@@ -1315,7 +2399,8 @@ class FIDInceptionC(InceptionC):
     def _forward(self, x):
         branch7x7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
         branch7x7dbl = x
-        for layer in (self.branch7x7dbl_1, self.branch7x7dbl_2, self.branch7x7dbl_3, self.branch7x7dbl_4, self.branch7x7dbl_5):
+        for layer in (self.branch7x7dbl_1, self.branch7x7dbl_2, self.branch7x7dbl_3, self.branch7x7dbl_4,
+                      self.branch7x7dbl_5):
             branch7x7dbl = layer(branch7x7dbl)
         branch_pool = self.branch_pool(F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False))
         return [self.branch1x1(x), branch7x7, branch7x7dbl, branch_pool]
@@ -1374,349 +2459,6 @@ class InceptionFeatures(nn.Module):
         for name in self.BLOCKS:
             x = getattr(self.net, name)(x)
         return x.flatten(1)                                      # (B, 2048, 1, 1) -> (B, 2048)
-
-
-FID_INCEPTION_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
-                     "pt_inception-2015-12-05-6726825d.pth")
-
-INCEPTION_HELP = """KID needs the FID Inception weights, and they could not be loaded ({reason}). Fixes:
-  * with internet, run once: they are downloaded to {cache}
-    (or copy pt_inception-2015-12-05-6726825d.pth from another machine into that folder)
-  * --inception-weights PATH   pt_inception-2015-12-05-6726825d.pth (pytorch-fid's release) copied here
-  * --inception imagenet       torchvision's ImageNet Inception (numbers NOT comparable with the papers')"""
-
-
-def load_inception(kind: str = "fid", weights: str | None = None) -> InceptionFeatures:
-    """kind: fid (the papers' features) or imagenet (torchvision's weights, not comparable)."""
-    cache = Path(torch.hub.get_dir()) / "checkpoints"
-    if kind == "imagenet":
-        print("warning: torchvision's ImageNet Inception gives KID values that are NOT comparable "
-              "with the papers' tables (they used the FID Inception)", flush=True)
-        net, url = inception_v3(weights=None, aux_logits=True, init_weights=False), Inception_V3_Weights.IMAGENET1K_V1.url
-    else:
-        net, url = fid_inception_v3(), FID_INCEPTION_URL
-    try:
-        net.load_state_dict(fetch_state_dict(url, weights))
-    except Exception as e:
-        reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-        raise MaganError(INCEPTION_HELP.format(reason=reason, cache=cache)) from None
-    return InceptionFeatures(net)
-
-
-@torch.no_grad()
-def inception_features(files: list[Path], net: InceptionFeatures, device: torch.device, batch: int = 50) -> torch.Tensor:
-    """(N, 2048) features of image files, batched; unreadable files are reported and skipped."""
-    net = net.to(device)
-    features = []
-    for first in range(0, len(files), batch):
-        images = []
-        for path in files[first:first + batch]:
-            try:
-                x = to_tensor(load_rgb(path)).add(1).div(2)      # (3, H, W) in [0, 1]
-            except Exception as e:
-                print(f"skipping unreadable image {path} ({type(e).__name__})", flush=True)
-                continue
-            images.append(F.interpolate(x[None], size=(299, 299), mode="bilinear", align_corners=False)[0])
-        if images:
-            features.append(net(torch.stack(images).to(device)).double().cpu())
-    if not features:
-        raise MaganError(f"no image in {files[0].parent if files else 'the folder'} could be decoded")
-    return torch.cat(features)
-
-
-def kid_between_folders(real: str | Path, fake: str | Path, protocol: str = "blocks", block_size: int = 10,
-                        subsets: int = 100, subset_size: int = 1000, seed: int = 0, inception: str = "fid",
-                        inception_weights: str | None = None, device: str = "auto", batch: int = 50) -> tuple[float, float]:
-    """KID×1 between two image folders, printed ×100 as the papers do. The file lists are shuffled
-    with `seed` first, so the blocks do not follow a sorted listing. Returns (mean, std)."""
-    dev = pick_device(device)
-    lists = []
-    for folder in (real, fake):
-        files = list_images(folder)
-        lists.append([files[i] for i in torch.randperm(len(files), generator=torch.Generator().manual_seed(seed))])
-    smaller = min(len(files) for files in lists)
-    if protocol == "subsets" and subset_size >= smaller:
-        raise MaganError(f"--subset-size {subset_size} is not smaller than the smaller folder ({smaller} images): "
-                         f"every subset would be the whole set and the ± would be 0. Pass --subset-size "
-                         f"{max(2, smaller // 2)}, or use --protocol blocks (the papers' estimator)")
-    net = load_inception(inception, inception_weights)
-    real_features, fake_features = (inception_features(files, net, dev, batch) for files in lists)
-    try:
-        mean, std = kid_from_features(real_features, fake_features, protocol, block_size, subsets, subset_size, seed)
-    except ValueError as e:
-        raise MaganError(str(e)) from None
-    detail = (f"blocks of at most {block_size}" if protocol == "blocks" else f"{subsets} subsets of {subset_size}")
-    print(f"KID×100 = {100 * mean:.2f} ± {100 * std:.2f}   ({protocol}: {detail}; {len(real_features)} real, "
-          f"{len(fake_features)} fake images; {inception} Inception)", flush=True)
-    return mean, std
-
-
-# =================================================================================================
-# Benchmark: how fast is one full training iteration (D step + G step, every loss, VGG included)?
-# =================================================================================================
-
-def count_parameters(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
-
-
-def peak_memory_gib(device: torch.device) -> float:
-    """CUDA: the most memory tensors have held (since the last reset). CPU: the process's peak
-    resident memory, a rough stand-in (it also counts Python and libraries). NaN where unknown."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    try:
-        import resource  # Unix only
-    except ImportError:
-        return float("nan")
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
-
-
-def bench(cfg: Config, iters: int = 20, warmup: int = 5) -> list[dict]:
-    """Time `iters` training iterations after `warmup` ones, for the plain fp32 path and (on CUDA)
-    the fast path, plus the fast path under torch.compile with cfg.compile. Random images stand in
-    for data (the loader runs in worker processes, in parallel with the GPU) and a random VGG19 for
-    the ImageNet one (the same computation). Prints a table and returns its rows."""
-    device = pick_device(cfg.device)
-    host_baseline = peak_memory_gib(device) if device.type == "cpu" else 0.0
-    modes = ["fp32"] + (["fast"] if device.type == "cuda" else [])
-    if cfg.compile:
-        modes.append(modes[-1] + "+compile")
-    model = MAGAN(cfg)  # only counted here, and freed before the timed runs build their own
-    print(f"MAGAN at {cfg.size}px, {'light' if cfg.light else 'full'}, ch {cfg.ch}, n_res {cfg.n_res}, "
-          f"attention {cfg.attention}, batch {cfg.batch} on {device}"
-          + (f" ({torch.cuda.get_device_name(device)}, torch {torch.__version__})" if device.type == "cuda" else
-             f" (torch {torch.__version__}, {torch.get_num_threads()} threads)"))
-    print(f"parameters: generator {count_parameters(model.G_ab) / 1e6:.2f}M (x2), global D "
-          f"{count_parameters(model.D_ga) / 1e6:.2f}M (x2), local D {count_parameters(model.D_la) / 1e6:.2f}M (x2), "
-          f"total {count_parameters(model) / 1e6:.2f}M; VGG19 to relu5_4 {count_parameters(vgg19_features()) / 1e6:.2f}M (frozen)")
-    del model
-    rows = []
-    for mode in modes:
-        fast = mode.startswith("fast")
-        run_cfg = dataclasses.replace(cfg, fast=fast)
-        torch.manual_seed(cfg.seed)
-        vgg = VGGFeatures(vgg19_features()) if (cfg.w_style > 0 or cfg.w_content > 0) else None
-        nets, vgg, autocast = place_networks(MAGAN(cfg), vgg, device, fast)
-        opt_G, opt_D = make_optimizers(nets, run_cfg, fast)
-        if mode.endswith("+compile"):
-            for net in list(nets.children()) + ([vgg] if vgg is not None else []):
-                net.compile()
-        x_a = to_device(torch.rand(cfg.batch, 3, cfg.size, cfg.size) * 2 - 1, device, fast)
-        x_b = to_device(torch.rand(cfg.batch, 3, cfg.size, cfg.size) * 2 - 1, device, fast)
-        synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats(device)
-        start = time.perf_counter()
-        for _ in range(warmup):  # cuDNN autotuning, compilation, allocator warm-up
-            train_step(nets, vgg, opt_G, opt_D, x_a, x_b, run_cfg, autocast)
-        synchronize()
-        warmup_s = time.perf_counter() - start
-        start = time.perf_counter()
-        for _ in range(iters):
-            train_step(nets, vgg, opt_G, opt_D, x_a, x_b, run_cfg, autocast)
-        synchronize()
-        seconds = (time.perf_counter() - start) / iters
-        peak = peak_memory_gib(device) - host_baseline
-        rows.append(dict(mode=mode, it_per_s=1 / seconds, ms_per_iter=1000 * seconds, peak_gib=peak, warmup_s=warmup_s))
-        del nets, vgg, opt_G, opt_D
-    print(f"\n{'path':<18}{'it/s':>8}{'ms/iter':>10}{'peak GiB':>14}{'warm-up s':>11}{'1M iterations':>16}{'speed-up':>10}")
-    for row in rows:
-        print(f"{row['mode']:<18}{row['it_per_s']:>8.2f}{row['ms_per_iter']:>10.1f}{row['peak_gib']:>14.2f}"
-              f"{row['warmup_s']:>11.1f}{format_seconds(1e6 / row['it_per_s']):>16}"
-              f"{rows[0]['ms_per_iter'] / row['ms_per_iter']:>9.2f}x")
-    if device.type != "cuda":
-        print("(the fast path is CUDA-only: on CPU training always runs the fp32 path. Peak GiB on CPU is\n"
-              " the growth of the process's peak resident memory since the start of the bench, cumulative\n"
-              " over rows: a rough upper bound on what the fp32 path would need on a GPU)")
-    return rows
-
-
-# =================================================================================================
-# 10. Command line: `python magan.py train|translate|kid|bench`; train's flags come from Config.
-# =================================================================================================
-
-def image_size(text: str) -> int:
-    value = int(text)
-    if value < 32 or value % 32:
-        raise argparse.ArgumentTypeError(
-            f"{value} is not a multiple of 32 (at least 32): the generator halves the image twice and "
-            f"the global discriminator up to five times")
-    return value
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{value} must be a positive integer")
-    return value
-
-
-def nonneg_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value} must be 0 or more")
-    return value
-
-
-def weight(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"{text} must be a finite number >= 0 (0 switches the term off)")
-    return value
-
-
-def positive_float(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"{text} must be a finite number > 0")
-    return value
-
-
-def sam_exponent(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value) or value < 1:
-        raise argparse.ArgumentTypeError(
-            f"{text}: the SAM exponent p must be at least 1 (|θ|^p with p < 1 has an infinite gradient "
-            f"where θ = 0, and ReLU features are exactly 0 often)")
-    return value
-
-
-def fraction(text: str) -> float:
-    value = float(text)
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"{text} must be in [0, 1)")
-    return value
-
-
-def device_name(text: str) -> str:
-    kind, _, index = text.partition(":")
-    if text in ("auto", "cpu", "cuda") or (kind == "cuda" and index.isdigit()):
-        return text
-    raise argparse.ArgumentTypeError(f"unknown device {text!r}: use auto, cpu, cuda or cuda:N")
-
-
-VALIDATORS = dict(image_size=image_size, positive_int=positive_int, nonneg_int=nonneg_int, weight=weight,
-                  positive_float=positive_float, fraction=fraction, device_name=device_name,
-                  sam_exponent=sam_exponent)
-
-
-def add_config_flags(parser: argparse.ArgumentParser, defaults: Config):
-    """One flag per Config field. Unset flags are left out of the parsed namespace (SUPPRESS), so
-    --resume can tell what the user asked for from what the checkpoint already says."""
-    for f in dataclasses.fields(Config):
-        flag = "--" + f.name.replace("_", "-")
-        default = getattr(defaults, f.name)
-        help_text = f"{f.metadata['help']} (default: {default})"
-        if isinstance(f.default, bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
-        else:
-            kind = f.metadata.get("type", type(f.default))
-            parser.add_argument(flag, type=VALIDATORS.get(kind, kind), choices=f.metadata.get("choices"),
-                                default=argparse.SUPPRESS, help=help_text)
-    parser.add_argument("--full", dest="light", action="store_false", default=argparse.SUPPRESS,
-                        help="full mode, the paper's setting (same as --no-light)")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="magan.py", description="MAGAN: unsupervised image-to-image translation with multi-angle attention.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-    train_parser = commands.add_parser("train", help="train a model (on data/ when no folder is given)")
-    add_config_flags(train_parser, Config())
-
-    t = commands.add_parser("translate", help="translate images with a trained checkpoint",
-                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    t.add_argument("--ckpt", required=True, help="a training checkpoint, e.g. runs/NAME/checkpoints/latest.pt")
-    t.add_argument("--input", required=True, help="an image or a folder of images (any size or mode)")
-    t.add_argument("--out", required=True, help="output folder: one image per input, same file name")
-    t.add_argument("--direction", choices=("a2b", "b2a"), default="a2b")
-    t.add_argument("--heatmaps", action="store_true", help="also write the attention heatmaps to OUT/heatmaps/")
-    t.add_argument("--batch", type=positive_int, default=8, help="images per forward pass")
-    t.add_argument("--device", type=device_name, default="auto")
-    t.add_argument("--size", type=image_size, help="run the generator at this size (default: the training "
-                                                   "size; light mode only)")
-    t.add_argument("--kid-against", metavar="DIR", help="then score the translations against the real "
-                                                        "target-domain images in DIR (e.g. testB)")
-    add_kid_flags(t)
-
-    k = commands.add_parser("kid", help="kernel inception distance between two image folders",
-                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    k.add_argument("--real", required=True, help="folder of real target-domain images")
-    k.add_argument("--fake", required=True, help="folder of translated images")
-    k.add_argument("--device", type=device_name, default="auto")
-    add_kid_flags(k)
-
-    b = commands.add_parser("bench", help="time full training iterations: fp32 and fast path, peak memory",
-                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    b.add_argument("--size", type=image_size, default=256)
-    b.add_argument("--light", action=argparse.BooleanOptionalAction, default=True, help="light or --no-light")
-    b.add_argument("--full", dest="light", action="store_false", help="full mode (the paper's setting)")
-    b.add_argument("--ch", type=positive_int, default=64)
-    b.add_argument("--n-res", type=positive_int, default=4)
-    b.add_argument("--attention", choices=("ma", "cam", "sam", "none"), default="ma")
-    b.add_argument("--batch", type=positive_int, default=1)
-    b.add_argument("--device", type=device_name, default="auto")
-    b.add_argument("--iters", type=positive_int, default=20, help="timed iterations")
-    b.add_argument("--warmup", type=positive_int, default=5, help="untimed iterations first")
-    b.add_argument("--compile", action="store_true", help="also time the fast path under torch.compile")
-    return parser
-
-
-def add_kid_flags(parser: argparse.ArgumentParser):
-    parser.add_argument("--protocol", choices=("blocks", "subsets"), default="blocks",
-                        help="blocks: TF-GAN's estimator, the papers' numbers; subsets: torch-fidelity/torchmetrics'")
-    parser.add_argument("--block-size", type=positive_int, default=10, help="largest block (blocks protocol)")
-    parser.add_argument("--subsets", type=positive_int, default=100, help="number of subsets (subsets protocol)")
-    parser.add_argument("--subset-size", type=positive_int, default=1000, help="subset size (subsets protocol)")
-    parser.add_argument("--seed", type=int, default=0, help="shuffles the file lists and draws the subsets")
-    parser.add_argument("--inception", choices=("fid", "imagenet"), default="fid",
-                        help="fid: the papers' features; imagenet: torchvision's, not comparable")
-    parser.add_argument("--inception-weights", metavar="PATH", help="a local copy of the Inception weights")
-    parser.add_argument("--kid-batch", type=positive_int, default=50, help="images per Inception pass")
-
-
-def kid_args(args: argparse.Namespace) -> dict:
-    return dict(protocol=args.protocol, block_size=args.block_size, subsets=args.subsets,
-                subset_size=args.subset_size, seed=args.seed, inception=args.inception,
-                inception_weights=args.inception_weights, device=args.device, batch=args.kid_batch)
-
-
-def given_flags(args: argparse.Namespace) -> dict:
-    """The Config fields set on the command line (unset flags are absent, see add_config_flags)."""
-    return {f.name: getattr(args, f.name) for f in dataclasses.fields(Config) if hasattr(args, f.name)}
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.command is None:
-        parser.print_help()
-        return 0
-    try:
-        if args.command == "train":
-            given = given_flags(args)
-            cfg, checkpoint = Config(**given), None
-            if cfg.resume:  # flags not given on the command line come from the checkpoint
-                checkpoint = load_checkpoint(Path(cfg.out) / "checkpoints" / "latest.pt")
-                cfg = config_from_checkpoint(checkpoint, **given)
-            train(cfg, checkpoint)
-        elif args.command == "translate":
-            translate(args.ckpt, args.input, args.out, args.direction, args.heatmaps, args.batch, args.device,
-                      args.size)
-            if args.kid_against:
-                kid_between_folders(args.kid_against, args.out, **kid_args(args))
-        elif args.command == "bench":
-            cfg = Config(size=args.size, light=args.light, ch=args.ch, n_res=args.n_res, attention=args.attention,
-                         batch=args.batch, device=args.device, compile=args.compile)
-            bench(cfg, args.iters, args.warmup)
-        elif args.command == "kid":
-            kid_between_folders(args.real, args.fake, **kid_args(args))
-    except MaganError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ torch.nn.functional reference), never against a second call of the same code. Ev
 CPU at 32-64 px with narrow networks and a randomly initialised VGG: no download, no GPU."""
 
 import dataclasses
+import json
 import math
 import os
 import signal
@@ -265,7 +266,7 @@ def expected_generator_tables(ch, n_res, grid, light):
            ("reflect-pad", 1), ("conv", C, C, 3, 1, 0, False, ""), ("AdaLIN",)] * n_res
     decoder = [("upsample", 2.0, "nearest"), ("reflect-pad", 1), ("conv", C, C // 2, 3, 1, 0, False, ""), ("LIN",), ("relu",),
                ("upsample", 2.0, "nearest"), ("reflect-pad", 1), ("conv", C // 2, ch, 3, 1, 0, False, ""), ("LIN",), ("relu",),
-               ("reflect-pad", 3), ("conv", ch, 3, 7, 1, 0, False, ""), ("tanh",)]
+               ("reflect-pad", 3), ("conv", ch, 3, 7, 1, 0, False, "")]  # then tanh (see the wiring test)
     return encoder, mlp, res, decoder
 
 
@@ -361,7 +362,7 @@ def test_generator_wiring(light):
     assert torch.equal(one["block0"][0][0], a)
     assert torch.equal(one["block1"][0][0], one["block0"][1])
     assert torch.equal(one["decoder"][0][0], one["block1"][1])
-    assert torch.equal(out.image, one["decoder"][1])
+    assert torch.equal(out.image, torch.tanh(one["decoder"][1]))
     assert torch.equal(out.logits, one["attention"][1].logits)
     assert torch.allclose(out.heatmap, a.sum(1, keepdim=True))
     assert out.image.shape == (2, 3, 32, 32) and out.image.abs().max() <= 1
@@ -481,12 +482,14 @@ def test_content_loss():
     assert content_loss(x, x + 0.5).item() == pytest.approx(0.5)
 
 
-def test_vgg_layers_are_relu4_4_and_relu5_4():
+def test_vgg_layers_are_the_relus_the_losses_name():
     vgg = magan.load_vgg("random")
-    assert isinstance(vgg.to_relu4_4[-1], nn.ReLU) and len(vgg.to_relu4_4) == 27
-    assert isinstance(vgg.to_relu5_4[-1], nn.ReLU) and len(vgg.to_relu5_4) == 9
-    f4, f5 = vgg(torch.zeros(1, 3, 64, 64))
-    assert f4.shape == (1, 512, 8, 8) and f5.shape == (1, 512, 4, 4)
+    # torchvision's VGG19 indices: relu1_2 = 3, relu2_2 = 8, relu3_4 = 17, relu4_4 = 26, relu5_4 = 35
+    ends = [sum(len(stage) for stage in vgg.stages[:i + 1]) - 1 for i in range(5)]
+    assert ends == [3, 8, 17, 26, 35] and all(isinstance(stage[-1], nn.ReLU) for stage in vgg.stages)
+    out = vgg(torch.zeros(1, 3, 64, 64))
+    assert [tuple(t.shape) for t in out] == [(1, 64, 64, 64), (1, 128, 32, 32), (1, 256, 16, 16), (1, 512, 8, 8),
+                                             (1, 512, 4, 4)]
     assert not any(p.requires_grad for p in vgg.parameters())
     vgg.train()
     assert not vgg.training  # it only scores images: always eval
@@ -495,7 +498,7 @@ def test_vgg_layers_are_relu4_4_and_relu5_4():
 def test_vgg_inputs_are_mapped_from_minus_one_one_to_imagenet_statistics():
     vgg = magan.load_vgg("random")
     seen = []
-    vgg.to_relu4_4[0].register_forward_hook(lambda m, args, out: seen.append(args[0]))
+    vgg.stages[0][0].register_forward_hook(lambda m, args, out: seen.append(args[0]))
     x = torch.tensor([-1.0, 0.0, 1.0]).view(1, 3, 1, 1).expand(1, 3, 32, 32)
     vgg(x)
     mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]  # torchvision's ImageNet statistics
@@ -511,7 +514,7 @@ def test_vgg_weights_from_a_torchvision_state_dict_and_clear_error_when_missing(
     path = tmp_path / "vgg19.pth"
     torch.save(state, path)
     vgg = magan.load_vgg(str(path))
-    assert torch.equal(vgg.to_relu5_4[-2].weight, features[34].weight)  # conv5_4
+    assert torch.equal(vgg.stages[4][-2].weight, features[34].weight)  # conv5_4
     with pytest.raises(MaganError) as error:
         magan.train(tiny_config(tmp_path, vgg_weights=str(tmp_path / "missing.pth")))
     for fix in ("--vgg-weights PATH", "--vgg-weights none", "--vgg-weights random", "NOT the paper"):
@@ -563,7 +566,7 @@ class StepRecorder:
                     break
                 index.append(match[0])
             else:
-                return type(event[3])(*(field[index] for field in event[3]))
+                return type(event[3])(*(None if field is None else field[index] for field in event[3]))
         raise AssertionError(f"{name} never saw these inputs in this phase")
 
 
@@ -618,10 +621,10 @@ def test_training_step_losses_by_hand(tmp_path, gan_loss):
     with torch.no_grad():
         phi = {name: vgg(t) for name, t in dict(fake_ab=fake_ab, fake_ba=fake_ba, x_a=x_a, x_b=x_b,
                                                  rec_a=rec_a, rec_b=rec_b).items()}
-    style = ((gram_by_hand(phi["fake_ab"][0]) - gram_by_hand(phi["x_b"][0])).abs().mean()  # MAGAN eq. 5
-             + (gram_by_hand(phi["fake_ba"][0]) - gram_by_hand(phi["x_a"][0])).abs().mean())
-    content = ((phi["rec_a"][1] - phi["x_a"][1]).abs().mean()                              # MAGAN eq. 6
-               + (phi["rec_b"][1] - phi["x_b"][1]).abs().mean())
+    style = ((gram_by_hand(phi["fake_ab"].relu4_4) - gram_by_hand(phi["x_b"].relu4_4)).abs().mean()  # MAGAN eq. 5
+             + (gram_by_hand(phi["fake_ba"].relu4_4) - gram_by_hand(phi["x_a"].relu4_4)).abs().mean())
+    content = ((phi["rec_a"].relu5_4 - phi["x_a"].relu5_4).abs().mean()                              # MAGAN eq. 6
+               + (phi["rec_b"].relu5_4 - phi["x_b"].relu5_4).abs().mean())
     terms = dict(adv=g_adv, cycle=cycle, identity=identity, cam=cam, style=style, content=content)
     for name, value in terms.items():
         assert losses[name].item() == pytest.approx(value.item(), rel=1e-4, abs=1e-7), name
@@ -939,6 +942,145 @@ def test_train_command_line_writes_run_folder(tmp_path):
 
 
 # =================================================================================================
+# The other papers' attention ideas: AGGAN's mask fusion, SAT's self-regularisation, presets
+# =================================================================================================
+
+def test_mask_fusion_by_hand():
+    """AGGAN (1): G(x) = R ⊙ M + x ⊙ (1 − M)."""
+    x, R = torch.full((1, 3, 2, 2), 0.25), torch.full((1, 3, 2, 2), -0.5)
+    assert torch.equal(magan.fuse(R, torch.zeros(1, 1, 2, 2), x), x)        # M ≡ 0: the input passes
+    assert torch.equal(magan.fuse(R, torch.ones(1, 1, 2, 2), x), R)         # M ≡ 1: the content replaces it
+    half = magan.fuse(R, torch.tensor([[[[0.5, 0.0], [1.0, 0.25]]]]), x)
+    assert half[0, 0].tolist() == [[0.5 * -0.5 + 0.5 * 0.25, 0.25], [-0.5, 0.25 * -0.5 + 0.75 * 0.25]]
+
+
+def test_generator_with_mask_fusion_fuses_its_content_and_mask_with_the_input():
+    torch.manual_seed(0)
+    G = Generator(ch=4, n_res=1, size=32, mask_fusion=True)
+    assert layer_table(G.decoder)[-1] == ("conv", 4, 4, 7, 1, 0, False, "")  # 3 content channels + 1 mask
+    calls, handles = record_forward(dict(decoder=G.decoder))
+    x = random_images(2, 32, 1)
+    out = G(x)
+    raw = calls["decoder"][0][1]                                             # (2, 4, 32, 32)
+    R, M = torch.tanh(raw[:, :3]), torch.sigmoid(raw[:, 3:])
+    assert torch.allclose(out.mask, M) and torch.allclose(out.image, R * M + x * (1 - M), atol=1e-6)
+    assert Generator(ch=4, n_res=1, size=32)(x).mask is None
+
+
+def test_total_variation_of_a_hand_made_mask():
+    mask = torch.tensor([[0.0, 1.0, 0.0],
+                         [0.0, 0.0, 0.0],
+                         [1.0, 1.0, 1.0]]).view(1, 1, 3, 3)
+    # vertical neighbours: |0−0|+|1−0| (column 0), |0−1|+|1−0| (column 1), |0−0|+|1−0| (column 2) = 4 over 6 pairs
+    # horizontal neighbours: |1−0|+|0−1| (row 0), 0 (row 1), 0 (row 2) = 2 over 6 pairs
+    assert magan.total_variation(mask).item() == pytest.approx(4 / 6 + 2 / 6)
+    assert magan.total_variation(torch.ones(2, 1, 5, 5)).item() == 0  # a saturated mask has no variation
+
+
+def test_self_regularisation_by_hand_and_zero_for_the_identity():
+    f1, f2, f3 = torch.zeros(1, 2, 2, 2), torch.zeros(1, 1, 1, 1), torch.zeros(1, 3, 1, 2)
+    g1, g2, g3 = f1.clone(), f2 + 2.0, f3.clone()
+    g1[0, :, 0, 0] = torch.tensor([3.0, 4.0])  # squared distance 25 at one of 4 positions -> mean 6.25
+    g3[0, :, 0, 1] = 1.0                       # squared distance 3 at one of 2 positions -> mean 1.5
+    expected = 6.25 / 32 + 4.0 / 16 + 1.5 / 8  # SAT's weights 1/32, 1/16, 1/8
+    assert magan.self_regularisation((g1, g2, g3), (f1, f2, f3)).item() == pytest.approx(expected)
+    vgg = magan.load_vgg("random")
+    x = random_images(2, 32, 4)
+    features = magan.early_layers(vgg(x))
+    assert magan.self_regularisation(features, magan.early_layers(vgg(x.clone()))).item() == 0
+
+
+def test_training_step_with_every_extra_term_by_hand(tmp_path):
+    """Mask fusion with attention-guided Ds, TV, pixel and self-regularisation, recomputed by hand."""
+    weights = dict(adv=1.0, cycle=10.0, identity=10.0, cam=1000.0, style=1.0, content=1.0, tv=3.0, pixel=2.0, selfreg=5.0)
+    cfg = tiny_config(tmp_path, mask_fusion=True, mask_to_d=True, **{f"w_{k}": v for k, v in weights.items()})
+    nets, vgg, opt_G, opt_D, autocast = make_step_objects(cfg)
+    rec = StepRecorder(nets, opt_D)
+    x_a, x_b = random_images(2, 32, 1), random_images(2, 32, 2)
+    losses = magan.train_step(nets, vgg, opt_G, opt_D, x_a, x_b, cfg, autocast)
+    before = rec.phase(True)
+    ab, ba = rec.rows(before, "G_ab", x_a), rec.rows(before, "G_ba", x_b)
+    # AGGAN's attention-guided D: the same mask beside the real and the fake image
+    for D, real, fake in (("D_gb", x_b, ab), ("D_la", x_a, ba)):
+        rec.rows(before, D, torch.cat([real, fake.mask], 1))
+        rec.rows(before, D, torch.cat([fake.image, fake.mask], 1))
+    tv = sum((m[:, :, 1:] - m[:, :, :-1]).abs().mean() + (m[..., 1:] - m[..., :-1]).abs().mean() for m in (ab.mask, ba.mask))
+    pixel = (ab.image - x_a).abs().mean() + (ba.image - x_b).abs().mean()
+    with torch.no_grad():
+        feats = {name: vgg(t) for name, t in dict(ab=ab.image, ba=ba.image, a=x_a, b=x_b).items()}
+    def selfreg(out, inp):
+        layers = zip((1 / 32, 1 / 16, 1 / 8), (out.relu1_2, out.relu2_2, out.relu3_4), (inp.relu1_2, inp.relu2_2, inp.relu3_4))
+        return sum(w * (o - i).square().sum(dim=1).mean() for w, o, i in layers)
+    expected = dict(tv=tv, pixel=pixel, selfreg=selfreg(feats["ab"], feats["a"]) + selfreg(feats["ba"], feats["b"]))
+    for name, value in expected.items():
+        assert losses[name].item() == pytest.approx(value.item(), rel=1e-4), name
+    assert losses["G"].item() == pytest.approx(sum(weights[k] * losses[k].item() for k in weights), rel=1e-5)
+
+
+@pytest.mark.parametrize("term", ["tv", "pixel", "selfreg"])
+def test_a_new_weight_at_zero_switches_its_term_off(tmp_path, monkeypatch, term):
+    """Weight 0: the term is not even computed and L_G is the sum of the others; weight 1: it is in."""
+    function = {"tv": "total_variation", "pixel": None, "selfreg": "self_regularisation"}[term]
+    results = {}
+    for w in (0.0, 1.0):
+        cfg = tiny_config(tmp_path, mask_fusion=True, **{f"w_{term}": w})
+        nets, vgg, opt_G, opt_D, autocast = make_step_objects(cfg)
+        with monkeypatch.context() as m:
+            if w == 0 and function:
+                m.setattr(magan, function, lambda *a: (_ for _ in ()).throw(AssertionError("computed")))
+            results[w] = magan.train_step(nets, vgg, opt_G, opt_D, random_images(1, 32, 5), random_images(1, 32, 6),
+                                          cfg, autocast)
+        others = sum(getattr(cfg, f"w_{k}") * results[w][k].item() for k in magan.LOSS_TERMS if k != term)
+        assert results[w]["G"].item() == pytest.approx(others + w * results[w][term].item(), rel=1e-5)
+    assert results[0.0][term] == 0 and results[1.0][term] > 0
+    for name in ("D", "adv", "cycle", "identity", "cam", "style", "content"):  # nothing else changed
+        assert results[0.0][name].item() == pytest.approx(results[1.0][name].item(), rel=1e-6), name
+
+
+def test_adaptive_self_regularisation_weight_by_hand():
+    """SAT: λ rises from 0 (a thousandth of the maximum per step) while the smoothed adversarial loss
+    is below the target, and is held from the step it passes it."""
+    cfg = Config(w_selfreg=2.0, selfreg_target=0.5)
+    weight = magan.AdaptiveWeight(cfg, torch.device("cpu"))
+    smooth, lam, held, seen = 0.0, 0.0, False, []
+    for adv in [0.3] * 5 + [2.0] * 60 + [0.1] * 5:
+        seen.append(weight.weights(cfg)["selfreg"].item())
+        weight.update(torch.tensor(adv))
+        smooth = adv if smooth == 0 else 0.99 * smooth + 0.01 * adv
+        held = held or smooth > 0.5
+        lam = lam if held else min(lam + 2.0 / 1000, 2.0)
+        assert weight.state[0].item() == pytest.approx(lam, abs=1e-6)
+    assert seen[0] == 0 and held and seen[-1] == pytest.approx(lam) and 0 < lam < 0.2
+
+
+def test_ugatit_preset_resolves_to_its_flags_and_explicit_flags_win(tmp_path):
+    cfg, _ = magan.make_config({"preset": "ugatit", "data": str(DATA)})
+    assert (cfg.attention, cfg.w_style, cfg.w_content, cfg.vgg_weights) == ("cam", 0.0, 0.0, "none")
+    assert (cfg.w_adv, cfg.w_cycle, cfg.w_identity, cfg.w_cam) == (1.0, 10.0, 10.0, 1000.0)
+    assert not magan.needs_vgg(cfg)
+    cfg, _ = magan.make_config({"preset": "ugatit", "data": str(DATA), "attention": "ma", "w_cam": 5.0})
+    assert (cfg.attention, cfg.w_cam, cfg.w_style) == ("ma", 5.0, 0.0)
+    cfg, _ = magan.make_config({"preset": "ugatit", "data": str(DATA), "out": str(tmp_path / "run"), "size": 32,
+                                "ch": 8, "n_res": 1, "iters": 1, "device": "cpu", "workers": 0, "n_samples": 2})
+    run = magan.train(cfg)
+    saved = json.loads((run / "config.json").read_text())
+    assert saved["preset"] == "ugatit" and saved["attention"] == "cam" and saved["w_style"] == 0.0
+    with pytest.raises(MaganError, match="needs --mask-fusion"):
+        magan.make_config({"data": str(DATA), "mask_to_d": True})
+
+
+def test_a_mask_fusion_checkpoint_translates_and_resumes(tmp_path):
+    run = magan.train(tiny_config(tmp_path, mask_fusion=True, mask_to_d=True, w_tv=1.0, iters=2))
+    grid = Image.open(run / "samples" / "a2b_0000002.png")
+    assert grid.size == (5 * 32 + 6 * 2, 2 * 32 + 3 * 2)  # five columns: the mask is one
+    written = magan.translate(run / "checkpoints" / "latest.pt", DATA / "testA", tmp_path / "out", heatmaps=True,
+                              device="cpu")
+    assert len(written) == 20 and all((tmp_path / "out" / "masks" / (p.stem + ".png")).is_file() for p in written)
+    resumed = magan.train(tiny_config(tmp_path, mask_fusion=True, mask_to_d=True, w_tv=1.0, iters=3, resume=True))
+    assert magan.load_checkpoint(resumed / "checkpoints" / "latest.pt")["iteration"] == 3
+
+
+# =================================================================================================
 # Translation
 # =================================================================================================
 
@@ -951,7 +1093,7 @@ def test_translate_writes_one_file_per_input(trained_run, tmp_path):
     Image.open(DATA / "testA" / "0000.jpg").save(inputs / "photo.jpg")
     out = tmp_path / "out"
     written = magan.translate(trained_run / "checkpoints" / "latest.pt", inputs, out, "b2a", heatmaps=True,
-                              batch=3, device="cpu")
+                              batch=3, device="cpu", keep_size=False)
     names = sorted(p.name for p in written)
     assert names == sorted(["grey.png", "alpha.png", "palette.gif", "photo.jpg"])
     for name in names:
@@ -1151,7 +1293,7 @@ def test_no_arguments_prints_help():
     (["train", "--iters", "-5"], "must be a positive integer"),
     (["train", "--w-style", "-1"], "must be a finite number >= 0"),
     (["train", "--w-cam", "nan"], "must be a finite number >= 0"),
-    (["train", "--device", "tpu"], "unknown device"),
+    (["train", "--device", "tpu"], "is not a device"),
     (["train", "--attention", "foo"], "invalid choice"),
     (["train", "--p-gen", "0.5"], "must be at least 1"),
     (["train", "--p-dis", "0"], "must be at least 1"),
@@ -1180,6 +1322,303 @@ def test_bench_runs_and_counts_parameters(capsys):
     G = Generator(ch=8, n_res=1, size=32)
     assert f"generator {sum(p.numel() for p in G.parameters()) / 1e6:.2f}M" in out
     assert "1M iterations" in out and "fp32" in out
+
+
+# =================================================================================================
+# A user's first hour: the demo, progress, --data, the run page, rough edges
+# =================================================================================================
+
+def test_bare_train_command_is_a_demo_on_the_bundled_data(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the demo picks runs/demo, runs/demo1, ... under the current folder
+    cfg, note = magan.make_config({})
+    assert (cfg.size, cfg.ch, cfg.n_res, cfg.vgg_weights, cfg.iters) == (64, 16, 2, "none", 3000)
+    assert Path(cfg.a).resolve() == (DATA / "trainA").resolve() or cfg.a == "data/trainA"
+    assert "demo" in note and "python magan.py train --data DATASET" in note
+    (tmp_path / "runs" / "demo").mkdir(parents=True)
+    assert magan.make_config({})[0].out == "runs/demo1"  # never mixes with an earlier demo
+    cfg, _ = magan.make_config({"size": 32, "iters": 7})  # every demo value stays a flag
+    assert (cfg.size, cfg.iters, cfg.ch) == (32, 7, 16)
+    paper, note = magan.make_config({"data": str(DATA)})
+    assert note is None and (paper.size, paper.ch, paper.vgg_weights, paper.iters) == (256, 64, "imagenet", 1_000_000)
+
+
+def test_demo_command_trains_without_downloading(tmp_path):
+    result = subprocess.run([sys.executable, str(HERE / "magan.py"), "train", "--size", "32", "--ch", "4",
+                             "--n-res", "1", "--iters", "2", "--sample-every", "2", "--out", str(tmp_path / "demo")],
+                            capture_output=True, text=True, cwd=HERE, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "demo:" in result.stdout and "UserWarning" not in result.stderr  # no data-loader worker warning
+    assert json.loads((tmp_path / "demo" / "config.json").read_text())["vgg_weights"] == "none"
+
+
+def test_data_root_and_the_mistakes_around_it(tmp_path):
+    cfg, _ = magan.make_config({"data": str(DATA)})
+    assert (cfg.a, cfg.b) == (str(DATA / "trainA"), str(DATA / "trainB"))
+    with pytest.raises(MaganError, match="pass --data"):
+        magan.list_images(DATA)                       # a root passed where a domain folder is expected
+    with pytest.raises(MaganError, match="expected the CycleGAN layout"):
+        magan.make_config({"data": str(DATA / "trainA")})
+    nested = tmp_path / "nested"
+    (nested / "horses").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(nested / "horses" / "0.png")
+    with pytest.raises(MaganError, match="subfolders hold 1"):
+        magan.list_images(nested)
+
+
+def test_progress_from_the_first_iteration_then_by_time(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(magan.Progress, "SECONDS", 0.0)  # "every 30 s" becomes every iteration
+    magan.train(tiny_config(tmp_path, iters=3, log_every=100, sample_every=100, save_every=100))
+    lines = [l for l in capsys.readouterr().out.splitlines() if l.startswith("[")]
+    assert [l.split("]")[0] for l in lines] == ["[1/3", "[2/3", "[3/3"]
+    assert "first iteration:" in lines[0] and all("it/s" in l and "ETA" in l for l in lines)
+
+
+def test_progress_rewrites_one_line_on_a_terminal(monkeypatch, capsys):
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+    progress = magan.Progress(Config(iters=10), start=0, show=True)
+    values = dict.fromkeys(magan.LOGGED, 1.0)
+    progress.report(1, 1e-4, values)
+    progress.report(2, 1e-4, values)
+    progress.say("a message")
+    out = capsys.readouterr().out
+    assert out.count("\r[") == 2 and out.count("\n") == 2 and out.endswith("a message\n")
+
+
+def test_workers_default_to_the_machine(monkeypatch):
+    monkeypatch.setattr(magan.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    assert magan.resolve_workers(-1) == 1 and magan.resolve_workers(-1, processes_per_machine=2) == 0
+    assert magan.resolve_workers(3) == 3
+    monkeypatch.setattr(magan.os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)
+    assert magan.resolve_workers(-1) == 4
+
+
+class PageParser(__import__("html.parser").parser.HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.images, self.curves = [], []
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "img":
+            self.images.append(attrs["src"])
+        if tag == "polyline" and len(attrs.get("points", "").split()) >= 2:
+            self.curves.append(attrs["data-term"])
+
+
+def test_run_page_shows_the_latest_grids_and_every_loss_curve(tmp_path):
+    run = magan.train(tiny_config(tmp_path, iters=4, log_every=1, sample_every=2, w_pixel=1.0))
+    page = PageParser()
+    page.feed((run / "index.html").read_text())
+    assert page.images == ["samples/a2b_0000004.png", "samples/b2a_0000004.png"]
+    assert all((run / src).is_file() for src in page.images)
+    weighted = [t for t in magan.LOSS_TERMS if getattr(run_config(run), f"w_{t}") > 0]
+    assert sorted(page.curves) == sorted(["D", "G"] + weighted) and "pixel" in page.curves
+    assert "iteration 4 of 4" in (run / "index.html").read_text()
+
+
+def run_config(run: Path) -> Config:
+    return Config(**json.loads((run / "config.json").read_text()))
+
+
+def test_tensorboard_is_optional(tmp_path):
+    try:
+        import torch.utils.tensorboard  # noqa: F401
+        has_tensorboard = True
+    except ImportError:
+        has_tensorboard = False
+    if has_tensorboard:
+        run = magan.train(tiny_config(tmp_path, iters=2, tensorboard=True))
+        assert any((run / "tensorboard").iterdir())
+    else:
+        with pytest.raises(MaganError, match="pip install tensorboard"):
+            magan.train(tiny_config(tmp_path, iters=2, tensorboard=True))
+
+
+def test_resume_from_another_folder_uses_resolved_paths(tmp_path, monkeypatch):
+    monkeypatch.chdir(HERE)
+    cfg = tiny_config(tmp_path, iters=2, a="data/trainA", b="data/trainB")  # relative to where it started
+    run = magan.train(cfg)
+    saved = run_config(run)
+    assert Path(saved.a).is_absolute() and Path(saved.out).is_absolute()
+    monkeypatch.chdir(tmp_path)
+    assert magan.main(["train", "--out", str(run), "--resume", "--iters", "3"]) == 0
+
+
+def test_resume_with_more_iterations_says_the_schedule_changes(tmp_path, capsys):
+    magan.train(tiny_config(tmp_path, iters=4, save_every=2))
+    capsys.readouterr()
+    magan.train(tiny_config(tmp_path, iters=8, save_every=2, resume=True))
+    out = capsys.readouterr().out
+    # at iteration 4 of 4 the rate had decayed to 0; of 8 it is still the constant 1e-4
+    assert "learning-rate schedule" in out and "now 0.0001 (it was 0)" in out
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    im = Image.new("RGB", (40, 20), (255, 0, 0))
+    im.paste((0, 0, 255), (0, 0, 10, 20))          # blue on the left of the stored pixels
+    exif = Image.Exif()
+    exif[0x0112] = 6                               # "rotate 90° clockwise to display"
+    im.save(tmp_path / "phone.jpg", exif=exif, quality=95)
+    upright = magan.load_rgb(tmp_path / "phone.jpg")
+    assert upright.size == (20, 40)                # portrait, as the phone showed it
+    r, g, b = upright.getpixel((10, 5))            # the left edge is now the top
+    assert b > 200 and r < 60
+
+
+def test_translate_writes_at_the_input_size_and_never_over_the_inputs(trained_run, tmp_path):
+    ckpt = trained_run / "checkpoints" / "latest.pt"
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    Image.new("RGB", (90, 50), (20, 200, 40)).save(inputs / "wide.png")
+    written = magan.translate(ckpt, inputs, tmp_path / "out", device="cpu")
+    assert Image.open(written[0]).size == (90, 50)
+    assert Image.open(magan.translate(ckpt, inputs, tmp_path / "sq", device="cpu", keep_size=False)[0]).size == (32, 32)
+    with pytest.raises(MaganError, match="overwrite the originals"):
+        magan.translate(ckpt, inputs, inputs, device="cpu")
+    one = magan.translate(ckpt, inputs / "wide.png", tmp_path / "result.jpg", device="cpu")
+    assert one == [tmp_path / "result.jpg"] and (tmp_path / "result.jpg").is_file()
+
+
+def test_export_is_small_translates_and_cannot_resume(trained_run, tmp_path):
+    ckpt = trained_run / "checkpoints" / "latest.pt"
+    exported = magan.export_generators(ckpt, tmp_path / "model.pt")
+    assert exported.stat().st_size < ckpt.stat().st_size / 3
+    written = magan.translate(exported, DATA / "testA" / "0001.jpg", tmp_path / "x", device="cpu")
+    G_export, _ = magan.load_generator(exported, "a2b", torch.device("cpu"))
+    G_ckpt, _ = magan.load_generator(ckpt, "a2b", torch.device("cpu"))
+    for (k, v), (_, w) in zip(G_export.state_dict().items(), G_ckpt.state_dict().items()):
+        assert torch.equal(v, w), k
+    assert written and magan.main(["export", "--ckpt", str(ckpt), "--out", str(tmp_path / "m2.pt")]) == 0
+    with pytest.raises(MaganError, match="only translates"):
+        magan.load_checkpoint(exported)
+
+
+def test_non_finite_loss_before_any_checkpoint_says_so(tmp_path, monkeypatch):
+    monkeypatch.setattr(magan, "cam_loss", lambda s, t: torch.tensor(float("nan")))
+    with pytest.raises(MaganError) as error:
+        magan.train(tiny_config(tmp_path, iters=4))
+    assert "no checkpoint had been saved yet" in str(error.value) and "--resume" not in str(error.value)
+
+
+def test_offline_imagenet_inception_error_names_its_own_weights(tmp_path):
+    with pytest.raises(MaganError) as error:
+        magan.load_inception("imagenet", str(tmp_path / "missing.pth"))
+    assert "inception_v3_google" in str(error.value) and "pt_inception" not in str(error.value)
+
+
+@pytest.mark.parametrize("argv,hint", [(["train", "--light", "True"], "take no value"),
+                                       (["train", "--img_size", "256"], "--img_size -> --size"),
+                                       (["train", "--iteration", "10"], "--iteration -> --iters")])
+def test_ugatit_flags_get_the_magan_spelling(argv, hint, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        magan.main(argv)
+    assert exit_info.value.code == 2 and hint in capsys.readouterr().err
+
+
+# =================================================================================================
+# Several processes (torchrun): data parallel on CPU with gloo
+# =================================================================================================
+
+def test_each_process_reads_its_own_samples_of_each_iteration():
+    two = [list(magan.IterationSamples(3, 5, 2, FakeProcesses(2, rank))) for rank in (0, 1)]
+    one = list(magan.IterationSamples(3, 5, 4, FakeProcesses(1, 0)))
+    # iteration k, rank r of W, batch B: samples (k·W + r)·B ... (k·W + r)·B + B − 1
+    assert two == [[12, 13, 16, 17], [14, 15, 18, 19]]
+    assert one == [12, 13, 14, 15, 16, 17, 18, 19]  # one process with the global batch reads the same
+
+
+class FakeProcesses:
+    def __init__(self, world, rank):
+        self.world, self.rank = world, rank
+
+
+DIST_FLAGS = ["--size", "32", "--ch", "8", "--n-res", "1", "--vgg-weights", "random", "--device", "cpu",
+              "--workers", "0", "--log-every", "2", "--sample-every", "100", "--n-samples", "2"]
+
+
+def torchrun(n: int, args: list[str], timeout=240) -> subprocess.CompletedProcess:
+    """`python -m torch.distributed.run --standalone --nproc_per_node n magan.py train ARGS` (torchrun)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
+                           str(HERE / "magan.py"), "train", *DIST_FLAGS, *args], capture_output=True, text=True,
+                          cwd=HERE, timeout=timeout, env=env)
+
+
+def weights_of(run: Path) -> dict:
+    ckpt = magan.load_checkpoint(run / "checkpoints" / "latest.pt")
+    return {f"{net}.{k}": v for net, state in ckpt["nets"].items() for k, v in state.items()}
+
+
+@pytest.fixture(scope="module")
+def two_process_run(tmp_path_factory):
+    """2 processes x batch 1 for 4 iterations, launched by torchrun."""
+    out = tmp_path_factory.mktemp("dist") / "two"
+    result = torchrun(2, ["--batch", "1", "--iters", "4", "--save-every", "4", "--out", str(out)])
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out, result
+
+
+def test_two_processes_train_like_one_with_the_global_batch(two_process_run, tmp_path):
+    """Gradients averaged over 2 processes x batch 1 = the gradient of 1 process x batch 2 (every
+    loss is a mean over the batch), so the weights agree to float rounding. Tolerance: the mean
+    absolute difference over all weights below 1e-8, and every weight within one Adam step (lr =
+    1e-4): Adam divides each gradient by its own size, so an element whose two samples' gradients
+    nearly cancel (|g| near Adam's ε) can take a differently sized step after rounding (measured:
+    6 of 353,416 weights differ by more than 1e-6, the largest by 3.3e-5, and the gap stays put)."""
+    out, result = two_process_run
+    one = magan.train(tiny_config(tmp_path, batch=2, iters=4, save_every=4, log_every=2, sample_every=100))
+    two, single = weights_of(out), weights_of(one)
+    assert two.keys() == single.keys()
+    gaps = torch.cat([(two[k].float() - single[k].float()).abs().flatten() for k in two])
+    assert gaps.mean() < 1e-8 and gaps.max() < 1e-4
+    assert "2 processes on cpu" in result.stdout and result.stdout.count("done: 4 iterations") == 1
+
+
+def test_resume_under_two_processes_is_exact(two_process_run, tmp_path):
+    out = tmp_path / "resumed"
+    first = torchrun(2, ["--batch", "1", "--iters", "2", "--save-every", "2", "--out", str(out)])
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = torchrun(2, ["--iters", "4", "--save-every", "4", "--out", str(out), "--resume"])
+    assert second.returncode == 0, second.stderr[-3000:]
+    straight, resumed = weights_of(two_process_run[0]), weights_of(out)
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+
+
+def test_a_two_process_checkpoint_resumes_in_one_process(two_process_run, tmp_path, capsys):
+    import shutil
+    run = tmp_path / "copy"
+    shutil.copytree(two_process_run[0], run)
+    assert magan.main(["train", "--out", str(run), "--resume", "--iters", "5", "--batch", "2"]) == 0
+    assert "trained by 2 process(es) and continues with 1" in capsys.readouterr().out
+    assert magan.load_checkpoint(run / "checkpoints" / "latest.pt")["iteration"] == 5
+
+
+def test_sigterm_to_a_two_process_run_saves_once(tmp_path):
+    """SIGTERM to the whole group (both ranks and their data workers), as SLURM does: every rank
+    stops on the same iteration, rank 0 saves once, every process exits 0."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out, processes = tmp_path / "run", []
+    for rank in range(2):
+        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
+        processes.append(subprocess.Popen(  # one new process group holding both ranks (and their workers)
+            [sys.executable, str(HERE / "magan.py"), "train", *DIST_FLAGS, "--iters", "100000", "--log-every", "1",
+             "--save-every", "100000", "--workers", "1", "--out", str(out)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=HERE, env=env,
+            process_group=processes[0].pid if rank else 0))
+    wait_for_progress(processes[0])
+    os.killpg(processes[0].pid, signal.SIGTERM)
+    outputs = [p.communicate(timeout=120) for p in processes]
+    assert [p.returncode for p in processes] == [0, 0], outputs[0][1][-2000:] + outputs[1][1][-2000:]
+    stdout = outputs[0][0]
+    assert stdout.count("saving iteration") == 1 and outputs[1][0].count("saving") == 0
+    ckpt = magan.load_checkpoint(out / "checkpoints" / "latest.pt")
+    assert ckpt["processes"] == 2 and f"stopped at iteration {ckpt['iteration']}" in stdout
+
+
 # #################################################################################################
 # Robustness: bad input, interrupted runs, untrusted files. Nothing here is the paper.
 # #################################################################################################
