@@ -27,6 +27,7 @@ use the same attention. Read top to bottom, this file is a tutorial of the paper
 
 Where we depart from the papers (each is explained where it is made):
   * least-squares adversarial loss, as U-GAT-IT's code (MAGAN prints the BCE form: --gan-loss bce);
+  * the style loss compares each translation with the real target-domain image of the same iteration;
   * the spatial activation map γ is scaled to unit root-mean-square before its classifier;
   * MAGAN's eq. 7 is garbled in print: the generators' class logits get U-GAT-IT's CAM loss;
   * light mode by default (U-GAT-IT's --light; the paper's full mode is --full);
@@ -101,7 +102,8 @@ def layer_instance_norm(x: torch.Tensor, rho: torch.Tensor, eps: float = 1e-5) -
 
 
 class AdaLIN(nn.Module):
-    """Adaptive layer-instance norm, U-GAT-IT (1):  AdaLIN(a, γ, β) = γ · (ρ · â_I + (1 − ρ) · â_L) + β.
+    """Adaptive layer-instance norm, U-GAT-IT (1):
+        AdaLIN(a, γ, β) = γ · (ρ · â_I + (1 − ρ) · â_L) + β
 
     γ and β are not parameters of this layer: the generator computes them from its attention
     features, one pair per sample (that is what makes it "adaptive"). ρ starts at 1 (pure
@@ -155,9 +157,9 @@ class InstanceNorm(nn.InstanceNorm2d):
 # CAM). The weights ω of a trained classifier then say which channels (GAP, GMP) or which
 # positions (SAM) matter for that decision, and re-weight θ with them:
 #
-#   GMP  α_n = max_ij θ_n^ij        ξ_α = Σ_n ω_α^n · α_n      a_α = ω_α ⊙ θ   (per channel)
-#   GAP  β_n = mean_ij θ_n^ij       ξ_β = Σ_n ω_β^n · β_n      a_β = ω_β ⊙ θ   (per channel)
-#   SAM  γ   = Σ_n |θ_n|^p          ξ_γ = Σ_m ω_γ^m · γ_m      a_γ = ω_γ ⊙ θ   (per position m)
+#   GMP  α_n = max_ij θ_n^ij     ξ_α = Σ_n ω_α^n · α_n    a_α = ω_α ⊙ θ   (per channel)
+#   GAP  β_n = mean_ij θ_n^ij    ξ_β = Σ_n ω_β^n · β_n    a_β = ω_β ⊙ θ   (per channel)
+#   SAM  γ   = Σ_n |θ_n|^p       ξ_γ = Σ_m ω_γ^m · γ_m    a_γ = ω_γ ⊙ θ   (per position m)
 #
 # GMP finds the object's strongest parts, GAP its extent (U-GAT-IT's CAM uses both). SAM is
 # MAGAN's addition: γ sums the channels' activation energy at each position, so its classifier
@@ -186,7 +188,8 @@ class MultiAngleAttention(nn.Module):
                  spectral: bool = False, leaky: bool = False):
         super().__init__()
         if p < 1:
-            raise ValueError(f"SAM exponent p = {p}: use p >= 1 (|θ|^p has an infinite gradient at 0 for p < 1)")
+            raise ValueError(f"SAM exponent p = {p}: use p >= 1 (for p < 1, |θ|^p has an infinite "
+                             f"gradient at θ = 0)")
         maybe_sn = spectral_norm if spectral else (lambda m: m)
         n_inputs = {"gap": channels, "gmp": channels, "sam": grid * grid}
         self.fc = nn.ModuleDict({name: maybe_sn(nn.Linear(n_inputs[name], 1, bias=False))
@@ -238,7 +241,7 @@ class MultiAngleAttention(nn.Module):
             gamma = gamma.flatten(1)                               # (B, h·w)
             gamma = gamma * torch.rsqrt(gamma.square().mean(dim=1, keepdim=True) + 1e-12)
             weight = self.sam_weight_map(h, w)                     # ω_γ: (h, w)
-            logits.append(gamma @ weight.reshape(-1, 1).to(gamma.dtype))  # ξ_γ: (B, h·w) @ (h·w, 1) -> (B, 1)
+            logits.append(gamma @ weight.reshape(-1, 1).to(gamma.dtype))  # ξ_γ: (B, h·w) @ (h·w, 1)
             maps.append(theta * weight.to(theta.dtype))            # a_γ: (B, C, h, w)
         # MAGAN (1):  Γ(x) = Concat(ξ_α, ξ_β, ξ_γ). We keep U-GAT-IT's order, GAP before GMP:
         # (ξ_β, ξ_α, ξ_γ). Each logit gets the same loss, so the order changes nothing.
@@ -270,9 +273,10 @@ class ResBlock(nn.Module):
 
     def __init__(self, channels: int):
         super().__init__()
+        C = channels
         self.body = nn.Sequential(
-            nn.ReflectionPad2d(1), nn.Conv2d(channels, channels, 3, bias=False), InstanceNorm(channels), nn.ReLU(),
-            nn.ReflectionPad2d(1), nn.Conv2d(channels, channels, 3, bias=False), InstanceNorm(channels))
+            nn.ReflectionPad2d(1), nn.Conv2d(C, C, 3, bias=False), InstanceNorm(C), nn.ReLU(),
+            nn.ReflectionPad2d(1), nn.Conv2d(C, C, 3, bias=False), InstanceNorm(C))
 
     def forward(self, x):
         return x + self.body(x)
@@ -361,8 +365,10 @@ class Generator(nn.Module):
         out = self.decoder(h)                                       # (B, 3 or 4, S, S)
         if not self.mask_fusion:
             return GeneratorOutput(torch.tanh(out), attention.logits, attention.heatmap, None)
-        content, mask = torch.tanh(out[:, :3]), torch.sigmoid(out[:, 3:])  # R: (B, 3, S, S) in [-1, 1]; M in [0, 1]
-        return GeneratorOutput(fuse(content, mask, x.to(content.dtype)), attention.logits, attention.heatmap, mask)
+        content = torch.tanh(out[:, :3])                           # R: (B, 3, S, S) in [-1, 1]
+        mask = torch.sigmoid(out[:, 3:])                            # M: (B, 1, S, S) in [0, 1]
+        image = fuse(content, mask, x.to(content.dtype))
+        return GeneratorOutput(image, attention.logits, attention.heatmap, mask)
 
 
 # =================================================================================================
@@ -397,10 +403,11 @@ class Discriminator(nn.Module):
         super().__init__()
         # n_down stride-2 4x4 convs (widths ch, 2ch, ... ch·2^(n_down−1)), then one stride-1 4x4
         # conv to C = ch·2^n_down: Table 5 (local, n_down = 3) and Table 6 (global, n_down = 5).
-        layers = [nn.ReflectionPad2d(1), spectral_norm(nn.Conv2d(in_channels, ch, 4, stride=2)), nn.LeakyReLU(0.2)]
-        for i in range(1, n_down):
-            layers += [nn.ReflectionPad2d(1), spectral_norm(nn.Conv2d(ch * 2**(i - 1), ch * 2**i, 4, stride=2)),
-                       nn.LeakyReLU(0.2)]
+        widths = [in_channels] + [ch * 2**i for i in range(n_down)]            # in, ch, 2ch, ...
+        layers = []
+        for c_in, c_out in zip(widths[:-1], widths[1:]):
+            conv = spectral_norm(nn.Conv2d(c_in, c_out, 4, stride=2))
+            layers += [nn.ReflectionPad2d(1), conv, nn.LeakyReLU(0.2)]
         C = ch * 2**n_down
         layers += [nn.ReflectionPad2d(1), spectral_norm(nn.Conv2d(C // 2, C, 4, stride=1)), nn.LeakyReLU(0.2)]
         self.encoder = nn.Sequential(*layers)
@@ -499,14 +506,15 @@ def self_regularisation(features_output: tuple, features_input: tuple) -> torch.
     cites, takes its layers): G should keep the input's low-level look (colours, edges)."""
     total = 0
     for w, f_out, f_in in zip(SELFREG_LAYER_WEIGHTS, features_output, features_input):
-        squared = (f_out.float() - f_in.float()).square().sum(dim=1)   # (B, H_l, W_l): squared L2 over channels
+        squared = (f_out.float() - f_in.float()).square().sum(dim=1)   # (B, H_l, W_l): over channels
         total = total + w * squared.mean()                               # mean over positions (and batch)
     return total
 
 
 # --- VGG19, the perceptual network of the style, content and self-regularisation losses ---------
 
-VGG19_LAYERS = [64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M", 512, 512, 512, 512]
+VGG19_LAYERS = [64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M",
+                512, 512, 512, 512, "M", 512, 512, 512, 512]  # conv widths, "M" = 2x2 max-pool
 
 
 def vgg19_features() -> nn.Sequential:
@@ -785,8 +793,10 @@ class Config:
                             "at 256 px)")
     attention: str = opt("ma", "ma = GMP+GAP+SAM (MAGAN), cam = GMP+GAP (U-GAT-IT), sam = SAM only, "
                                "none: the ablations of MAGAN Table 4", choices=("ma", "cam", "sam", "none"))
-    p_gen: float = opt(2.0, "SAM exponent p >= 1 in the generators (MAGAN: 2; Table 5)", type="sam_exponent")
-    p_dis: float = opt(1.0, "SAM exponent p >= 1 in the discriminators (MAGAN: 1; Table 5)", type="sam_exponent")
+    p_gen: float = opt(2.0, "SAM exponent p >= 1 in the generators (MAGAN: 2; Table 5)",
+                       type="sam_exponent")
+    p_dis: float = opt(1.0, "SAM exponent p >= 1 in the discriminators (MAGAN: 1; Table 5)",
+                       type="sam_exponent")
     mask_fusion: bool = opt(False, "AGGAN: the generator draws content R and a mask M and outputs "
                                    "R*M + x*(1-M). Try with --w-tv 1 --w-pixel 1")
     mask_to_d: bool = opt(False, "AGGAN's attention-guided discriminators: D sees [image, mask] "
@@ -799,20 +809,23 @@ class Config:
     w_adv: float = opt(1.0, "weight of the adversarial loss, MAGAN eq. 4", type="weight")
     w_cycle: float = opt(10.0, "weight of the pixel cycle L1 loss (U-GAT-IT eq. 3)", type="weight")
     w_identity: float = opt(10.0, "weight of the identity L1 loss (U-GAT-IT eq. 4)", type="weight")
-    w_cam: float = opt(1000.0, "weight of the generators' CAM loss (MAGAN eq. 7, U-GAT-IT eq. 5)", type="weight")
+    w_cam: float = opt(1000.0, "weight of the generators' CAM loss (MAGAN eq. 7, U-GAT-IT eq. 5)",
+                       type="weight")
     w_style: float = opt(1.0, "weight of the Gram style loss on VGG19 relu4_4, MAGAN eq. 5", type="weight")
     w_content: float = opt(1.0, "weight of the content loss on VGG19 relu5_4, MAGAN eq. 6", type="weight")
-    w_tv: float = opt(0.0, "weight of AGGAN's total variation of the masks (with --mask-fusion)", type="weight")
+    w_tv: float = opt(0.0, "weight of AGGAN's total variation of the masks (with --mask-fusion)",
+                      type="weight")
     w_pixel: float = opt(0.0, "weight of AGGAN's pixel loss |G(x) - x|", type="weight")
     w_selfreg: float = opt(0.0, "weight of SAT's self-regularisation (perceptual distance x to G(x) on "
-                                "VGG19's first layers); the largest weight with --selfreg-target", type="weight")
+                                "VGG19's first layers); the largest weight with --selfreg-target",
+                           type="weight")
     selfreg_target: float = opt(0.0, "SAT's adaptive weight: raise the self-regularisation weight from 0 "
                                      "until the generators' adversarial loss passes this value, then hold "
                                      "it (0: a fixed weight)", type="weight")
     vgg_weights: str = opt("imagenet", "VGG19 for the style/content losses: imagenet (torchvision, "
                                        "downloaded once to the torch cache), PATH to a torchvision VGG19 "
-                                       "state dict, none (no perceptual losses), or random (offline smoke "
-                                       "runs only: NOT the paper)")
+                                       "state dict, none (no perceptual losses: their weights become 0), "
+                                       "or random (offline smoke runs only: NOT the paper)")
     # optimisation (MAGAN §3.3; U-GAT-IT appendix B.2)
     iters: int = opt(1_000_000, "training iterations; the learning rate decays linearly to 0 over the "
                                 "second half", type="positive_int")
@@ -842,24 +855,30 @@ class Config:
 
 
 # The fields that define the networks: a checkpoint only continues under the same values.
-ARCHITECTURE_FIELDS = ("size", "ch", "n_res", "light", "attention", "p_gen", "p_dis", "mask_fusion", "mask_to_d")
+ARCHITECTURE_FIELDS = ("size", "ch", "n_res", "light", "attention", "p_gen", "p_dis", "mask_fusion",
+                       "mask_to_d")
 # Fields that are places on disk: stored resolved, so that --resume works from any folder.
 PATH_FIELDS = ("data", "a", "b", "out")
 
 PRESETS = {
     "magan": {},  # the defaults are MAGAN's
-    "ugatit": dict(attention="cam", w_adv=1.0, w_cycle=10.0, w_identity=10.0, w_cam=1000.0, w_style=0.0,
-                   w_content=0.0, w_tv=0.0, w_pixel=0.0, w_selfreg=0.0, vgg_weights="none", mask_fusion=False),
+    "ugatit": dict(attention="cam", w_adv=1.0, w_cycle=10.0, w_identity=10.0, w_cam=1000.0,
+                   w_style=0.0, w_content=0.0, w_tv=0.0, w_pixel=0.0, w_selfreg=0.0,
+                   vgg_weights="none", mask_fusion=False),
 }
 
 # `python magan.py train` with no data: a demo on the bundled data that downloads nothing and shows
 # stripes within about 30 minutes on two CPU cores (measured: see the README), or a minute on a GPU.
-DEMO = dict(size=64, ch=16, n_res=2, vgg_weights="none", iters=3000, log_every=50, sample_every=250,
-            save_every=500, out="runs/demo")
+BUNDLED = Path(__file__).resolve().parent / "data"  # the small dataset that comes with this file
+DEMO = dict(a=str(BUNDLED / "trainA"), b=str(BUNDLED / "trainB"), size=64, ch=16, n_res=2, vgg_weights="none",
+            w_style=0.0, w_content=0.0, iters=3000, log_every=50, sample_every=250, save_every=500)
+
+
+PERCEPTUAL = ("w_style", "w_content", "w_selfreg")  # the weights of the terms measured by VGG19
 
 
 def needs_vgg(cfg: Config) -> bool:
-    return cfg.w_style > 0 or cfg.w_content > 0 or cfg.w_selfreg > 0
+    return any(getattr(cfg, w) > 0 for w in PERCEPTUAL)
 
 
 def loss_weights(cfg: Config) -> dict[str, float]:
@@ -872,13 +891,12 @@ def make_config(given: dict) -> tuple[Config, str | None]:
     demo = not any(name in given for name in ("data", "a", "b", "resume"))
     base = dict(DEMO) if demo else {}
     if demo and "out" not in given:
-        base["out"] = next(f"runs/demo{i or ''}" for i in range(1000) if not Path(f"runs/demo{i or ''}").exists())
+        taken = lambda i: Path(f"runs/demo{i or ''}").exists()  # never mix with an earlier demo
+        base["out"] = f"runs/demo{next(i for i in range(10000) if not taken(i)) or ''}"
     values = {**base, **PRESETS[given.get("preset", "magan")], **given}
     if values.get("data") and not ("a" in given or "b" in given):
         values["a"], values["b"] = dataset_folders(values["data"])
     cfg = Config(**values)
-    if cfg.mask_to_d and not cfg.mask_fusion:
-        raise MaganError("--mask-to-d shows the discriminators the generators' masks: it needs --mask-fusion")
     note = None
     if demo:
         note = (f"demo: no --data given, so training a small model on the bundled data ({cfg.size} px, ch "
@@ -903,9 +921,11 @@ class MAGAN(nn.Module):
     def __init__(self, cfg: Config):
         super().__init__()
         def G():
-            return Generator(cfg.ch, cfg.n_res, cfg.size, cfg.light, cfg.attention, cfg.p_gen, cfg.mask_fusion)
+            return Generator(cfg.ch, cfg.n_res, cfg.size, cfg.light, cfg.attention, cfg.p_gen,
+                             cfg.mask_fusion)
         def D(n_down):
-            return Discriminator(cfg.ch, n_down, cfg.size, cfg.attention, cfg.p_dis, 4 if cfg.mask_to_d else 3)
+            in_channels = 4 if cfg.mask_to_d else 3  # AGGAN's attention-guided D also sees the mask
+            return Discriminator(cfg.ch, n_down, cfg.size, cfg.attention, cfg.p_dis, in_channels)
         self.G_ab, self.G_ba = G(), G()
         self.D_ga, self.D_gb = D(global_depth(cfg.size)), D(global_depth(cfg.size))  # global: down to S/32
         self.D_la, self.D_lb = D(3), D(3)                                            # local: down to S/8
@@ -918,10 +938,16 @@ class MAGAN(nn.Module):
 
 
 # --- 8.2 One iteration: translate, a D step, a G step -------------------------------------------
-# U-GAT-IT (7) and MAGAN (8) add the terms up with these weights:
+# MAGAN (8) defines two objectives, one per player:
+#   L_{G,Γ_G} = L_adv + L_style + L_rec + L_cate^G      minimised by the generators
+#   L_{D,Γ_D} = −L_adv − L_cate^D                        minimised by the discriminators
+# (D maximises the adversarial terms. With least squares each player instead minimises its own
+# squared distance to its targets, as U-GAT-IT's code does.) With U-GAT-IT's terms and weights:
 #
-#   L_G = λ_adv L_adv + λ_cycle L_cycle + λ_identity L_identity + λ_cam L_cam + λ_style L_style + λ_content L_rec
-#         (+ λ_tv L_tv + λ_pixel L_pixel from AGGAN, + λ_selfreg l_reg from SAT)
+#   L_G = λ_adv L_adv + λ_cycle L_cycle + λ_identity L_identity + λ_cam L_cam
+#         + λ_style L_style + λ_content L_rec        (MAGAN)
+#         + λ_tv L_tv + λ_pixel L_pixel              (AGGAN, off by default)
+#         + λ_selfreg l_reg                          (SAT, off by default)
 #   L_D = λ_adv (L_adv + L_cam^D), the adversarial loss on the patch and on the class logits of each D
 #
 # Why λ_cam = 1000: the attention classifiers decide *where* the generator translates, and the
@@ -954,7 +980,8 @@ def translate_both_ways(nets: MAGAN, x_a: torch.Tensor, x_b: torch.Tensor) -> Tr
     fake_ba, same_a = ba.image.chunk(2)
     mask_ab = ab.mask.chunk(2)[0] if ab.mask is not None else None    # (B, 1, S, S)
     mask_ba = ba.mask.chunk(2)[0] if ba.mask is not None else None
-    return Translations(fake_ab, fake_ba, same_b, same_a, ab.logits.chunk(2), ba.logits.chunk(2), mask_ab, mask_ba)
+    cam_ab, cam_ba = ab.logits.chunk(2), ba.logits.chunk(2)  # (B, n_angles) each: on source, on target
+    return Translations(fake_ab, fake_ba, same_b, same_a, cam_ab, cam_ba, mask_ab, mask_ba)
 
 
 def judges(nets: MAGAN, x_a, x_b, t: Translations):
@@ -981,8 +1008,10 @@ def update(optimizer: torch.optim.Optimizer, loss: torch.Tensor, networks, sync=
 
 def d_step(nets: MAGAN, x_a, x_b, t: Translations, opt_D, cfg: Config, autocast, sync=None) -> torch.Tensor:
     """MAGAN (8), L_D = −L_adv − L_cate^D: every D learns real -> 1 and fake -> 0, on its patch
-    logits (U-GAT-IT (2)) and on its class logits, U-GAT-IT (6):
-        L_cam^D = E_{x∼X_t}[(η_D(x))²] + E_{x∼X_s}[(1 − η_D(G(x)))²]   (targets as in its code, see (2)).
+    logits (U-GAT-IT (2)) and on its class logits. MAGAN (7) prints the class-logit term as
+    L_cate^D = E||Γ_D(y) − Γ_D(G(x))||₂ (garbled in extraction); we read it as U-GAT-IT (6):
+        L_cam^D = E_{x∼X_t}[(η_D(x))²] + E_{x∼X_s}[(1 − η_D(G(x)))²]
+    with its code's targets, as for (2).
     The fakes are detached: D's loss must not push gradient into the generators (that would train
     them to help D), and the backward pass stops at D's input."""
     for D in nets.discriminators():
@@ -995,8 +1024,10 @@ def d_step(nets: MAGAN, x_a, x_b, t: Translations, opt_D, cfg: Config, autocast,
             out = D(both)                                          # real and fake in one pass: (2B, ...)
             patch_real, patch_fake = out.patch.chunk(2)            # (B, 1, h−1, w−1) each
             cls_real, cls_fake = out.logits.chunk(2)               # (B, n_angles) each
-            loss = loss + (adversarial_loss(patch_real, True, cfg.gan_loss) + adversarial_loss(patch_fake, False, cfg.gan_loss)
-                           + adversarial_loss(cls_real, True, cfg.gan_loss) + adversarial_loss(cls_fake, False, cfg.gan_loss))
+            loss = loss + (adversarial_loss(patch_real, True, cfg.gan_loss)        # U-GAT-IT (2)
+                           + adversarial_loss(patch_fake, False, cfg.gan_loss)
+                           + adversarial_loss(cls_real, True, cfg.gan_loss)         # U-GAT-IT (6)
+                           + adversarial_loss(cls_fake, False, cfg.gan_loss))
     loss = cfg.w_adv * loss
     update(opt_D, loss, nets.discriminators(), sync)
     return loss.detach()
@@ -1011,9 +1042,11 @@ def perceptual_terms(vgg: VGGFeatures, x_a, x_b, t: Translations, rec_a, rec_b, 
     phi_a, phi_b = split_features(real, 2)
     terms = {}
     if cfg.w_style > 0:    # MAGAN (5): a translation should have the target domain's Gram statistics
-        terms["style"] = style_loss(fake_ab.relu4_4, phi_b.relu4_4) + style_loss(fake_ba.relu4_4, phi_a.relu4_4)
+        terms["style"] = (style_loss(fake_ab.relu4_4, phi_b.relu4_4)
+                          + style_loss(fake_ba.relu4_4, phi_a.relu4_4))
     if cfg.w_content > 0:  # MAGAN (6): the cycle should give the input's relu5_4 features back
-        terms["content"] = content_loss(phi_rec_a.relu5_4, phi_a.relu5_4) + content_loss(phi_rec_b.relu5_4, phi_b.relu5_4)
+        terms["content"] = (content_loss(phi_rec_a.relu5_4, phi_a.relu5_4)
+                            + content_loss(phi_rec_b.relu5_4, phi_b.relu5_4))
     if cfg.w_selfreg > 0:  # SAT: a translation should keep its input's low-level look
         terms["selfreg"] = (self_regularisation(early_layers(fake_ab), early_layers(phi_a))
                             + self_regularisation(early_layers(fake_ba), early_layers(phi_b)))
@@ -1040,9 +1073,10 @@ def g_step(nets: MAGAN, vgg, x_a, x_b, t: Translations, opt_G, cfg: Config, auto
     with autocast:
         rec_a = nets.G_ba(t.fake_ab).image                        # G_ba(G_ab(x_a)): (B, 3, S, S)
         rec_b = nets.G_ab(t.fake_ba).image                        # G_ab(G_ba(x_b))
-        for D, _, fake, mask in judges(nets, x_a, x_b, t):        # MAGAN (4), G's side: fakes should score "real"
-            out = D(discriminator_input(fake, mask if cfg.mask_to_d else None))
-            terms["adv"] = terms["adv"] + adversarial_loss(out.patch, True, cfg.gan_loss) + adversarial_loss(out.logits, True, cfg.gan_loss)
+        for D, _, fake, mask in judges(nets, x_a, x_b, t):        # MAGAN (4), G's side: fakes should
+            out = D(discriminator_input(fake, mask if cfg.mask_to_d else None))  # score "real"
+            terms["adv"] = (terms["adv"] + adversarial_loss(out.patch, True, cfg.gan_loss)
+                            + adversarial_loss(out.logits, True, cfg.gan_loss))
         # U-GAT-IT (3):  L_cycle = E_{x∼X_s}[|x − G_t→s(G_s→t(x))|₁]
         terms["cycle"] = F.l1_loss(rec_a, x_a) + F.l1_loss(rec_b, x_b)
         # U-GAT-IT (4):  L_identity = E_{x∼X_t}[|x − G_s→t(x)|₁]
@@ -1054,6 +1088,8 @@ def g_step(nets: MAGAN, vgg, x_a, x_b, t: Translations, opt_G, cfg: Config, auto
             terms["tv"] = total_variation(t.mask_ab) + total_variation(t.mask_ba)
         if vgg is not None and needs_vgg(cfg):
             terms.update(perceptual_terms(vgg, x_a, x_b, t, rec_a, rec_b, cfg))
+    # U-GAT-IT (7):  min_G max_D λ1 L_lsgan + λ2 L_cycle + λ3 L_identity + λ4 L_cam, λ = 1, 10, 10, 1000;
+    # MAGAN's style and content terms (and the optional ones) join the sum with their own weights.
     g_loss = sum(weights[name] * terms[name] for name in LOSS_TERMS if getattr(cfg, "w_" + name) > 0)
     update(opt_G, g_loss, nets.generators(), sync)
     return {"G": g_loss.detach(), **{name: term.detach() for name, term in terms.items()}}
@@ -1097,7 +1133,7 @@ class AdaptiveWeight:
 
 # --- 8.3 Pretrained weights: VGG19 for the perceptual losses ------------------------------------
 
-VGG19_URL = "https://download.pytorch.org/models/vgg19-dcbb9e9d.pth"  # torchvision's VGG19_Weights.IMAGENET1K_V1
+VGG19_URL = "https://download.pytorch.org/models/vgg19-dcbb9e9d.pth"  # torchvision's IMAGENET1K_V1
 
 VGG_HELP = """The style and content losses (MAGAN eq. 5-6) need VGG19 ImageNet weights, and they could
 not be loaded ({reason}). Fixes:
@@ -1496,8 +1532,8 @@ class Progress:
         self.last_iteration, self.speed, self.in_place = start, 0.0, False
 
     def due(self, iteration: int) -> bool:
-        return (iteration == self.start + 1 or iteration % self.cfg.log_every == 0 or iteration == self.cfg.iters
-                or time.time() - self.last_time >= self.SECONDS)
+        return (iteration == self.start + 1 or iteration % self.cfg.log_every == 0
+                or iteration == self.cfg.iters or time.time() - self.last_time >= self.SECONDS)
 
     def eta(self, iteration: int) -> str:
         return format_seconds((self.cfg.iters - iteration) / max(self.speed, 1e-9))
@@ -1510,8 +1546,9 @@ class Progress:
         weights = loss_weights(self.cfg)
         terms = "  ".join(f"{k} {values[k]:.4g}" for k in LOSS_TERMS if weights[k] > 0)
         first = f" (first iteration: {1 / self.speed:.1f} s)" if iteration == self.start + 1 else ""
-        line = (f"[{iteration:>{len(str(self.cfg.iters))}}/{self.cfg.iters}] {self.speed:6.2f} it/s  ETA "
-                f"{self.eta(iteration)}  lr {lr:.2e}  D {values['D']:.4g}  G {values['G']:.4g} = {terms}{first}")
+        line = (f"[{iteration:>{len(str(self.cfg.iters))}}/{self.cfg.iters}] {self.speed:6.2f} it/s  "
+                f"ETA {self.eta(iteration)}  lr {lr:.2e}  D {values['D']:.4g}  G {values['G']:.4g} = "
+                f"{terms}{first}")
         if self.show and self.tty:
             print("\r" + line + "\x1b[K", end="", flush=True)
             self.in_place = True
@@ -1554,7 +1591,8 @@ def colorize(heatmap: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def grid_columns(mask_fusion: bool) -> list[str]:
-    return ["input", "attention over the input"] + (["mask"] if mask_fusion else []) + ["translation", "cycle"]
+    mask = ["mask"] if mask_fusion else []
+    return ["input", "attention over the input"] + mask + ["translation", "cycle"]
 
 
 @torch.no_grad()
@@ -1591,11 +1629,15 @@ def svg_chart(name: str, points: list[tuple[int, float]], width: int = 300, heig
     xs, ys = [p[0] for p in points], [p[1] for p in points]
     x0, x1 = min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1
     y0, y1 = min(ys), max(ys) if max(ys) > min(ys) else min(ys) + 1
-    coords = " ".join(f"{(x - x0) / (x1 - x0) * (width - 10) + 5:.1f},{height - 5 - (y - y0) / (y1 - y0) * (height - 10):.1f}"
-                      for x, y in points)
+    def at(x, y):  # data -> pixel coordinates, 5 px from the edges, y growing downwards
+        px = 5 + (x - x0) / (x1 - x0) * (width - 10)
+        py = height - 5 - (y - y0) / (y1 - y0) * (height - 10)
+        return f"{px:.1f},{py:.1f}"
+    coords = " ".join(at(x, y) for x, y in points)
     return (f'<figure><svg width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img">'
             f'<rect width="{width}" height="{height}" fill="#fafafa" stroke="#ccc"/>'
-            f'<polyline data-term="{name}" fill="none" stroke="#c33" stroke-width="1.5" points="{coords}"/></svg>'
+            f'<polyline data-term="{name}" fill="none" stroke="#c33" stroke-width="1.5" '
+            f'points="{coords}"/></svg>'
             f'<figcaption><b>{name}</b> {ys[-1]:.4g} (range {min(ys):.4g} to {max(ys):.4g}, '
             f'iterations {xs[0]} to {xs[-1]})</figcaption></figure>')
 
@@ -1676,18 +1718,28 @@ class Session:
 def check_new_run(cfg: Config, checkpoint: dict | None) -> tuple[Config, dict | None]:
     """Everything about the run folder and the config that can be wrong, before anything slow.
     Paths are stored resolved, so that --resume works from any folder."""
-    cfg = dataclasses.replace(cfg, **{k: str(Path(getattr(cfg, k)).resolve()) for k in PATH_FIELDS if getattr(cfg, k)})
+    resolved = {k: str(Path(getattr(cfg, k)).resolve()) for k in PATH_FIELDS if getattr(cfg, k)}
+    if cfg.vgg_weights == "none":  # no VGG, no perceptual terms: the saved config says so
+        resolved.update(dict.fromkeys(PERCEPTUAL, 0.0))
+    cfg = dataclasses.replace(cfg, **resolved)
     latest = Path(cfg.out) / "checkpoints" / "latest.pt"
     if cfg.resume:
         checkpoint = checkpoint or load_checkpoint(latest)
         check_architecture(cfg, checkpoint["config"])
         if checkpoint["iteration"] >= cfg.iters:
-            raise MaganError(f"the checkpoint is already at iteration {checkpoint['iteration']} and --iters is "
-                             f"{cfg.iters}: pass a larger --iters to train further")
+            raise MaganError(f"the checkpoint is already at iteration {checkpoint['iteration']} and --iters "
+                             f"is {cfg.iters}: pass a larger --iters to train further")
     elif latest.exists():
-        raise MaganError(f"{cfg.out} already holds a run: pass --resume to continue it, or choose another --out")
+        raise MaganError(f"{cfg.out} already holds a run: pass --resume to continue it, or choose "
+                         f"another --out")
     if not any(w > 0 for w in loss_weights(cfg).values()):
         raise MaganError("every loss weight is 0: the generators would have nothing to learn")
+    needs = [("--mask-to-d", cfg.mask_to_d, "--mask-fusion", cfg.mask_fusion),
+             ("--w-tv", cfg.w_tv > 0, "--mask-fusion", cfg.mask_fusion),
+             ("--selfreg-target", cfg.selfreg_target > 0, "--w-selfreg", cfg.w_selfreg > 0)]
+    for option, given, needed, present in needs:
+        if given and not present:
+            raise MaganError(f"{option} needs {needed}")
     return cfg, checkpoint
 
 
@@ -1710,7 +1762,8 @@ def start_session(cfg: Config, checkpoint: dict | None = None) -> Session:
     say(f"building the networks ({'light' if cfg.light else 'full'} mode, {cfg.size} px) ...", flush=True)
     fast = cfg.fast and device.type == "cuda"
     nets, vgg, autocast = place_networks(MAGAN(cfg), vgg, device, fast)
-    s = Session(cfg, procs, device, fast, nets, vgg, *make_optimizers(nets, cfg, fast), autocast, data, samples)
+    opt_G, opt_D = make_optimizers(nets, cfg, fast)
+    s = Session(cfg, procs, device, fast, nets, vgg, opt_G, opt_D, autocast, data, samples)
     s.selfreg = AdaptiveWeight(cfg, device) if cfg.w_selfreg > 0 and cfg.selfreg_target > 0 else None
     if checkpoint is not None:
         restore(s, checkpoint, say)
@@ -1796,22 +1849,28 @@ def check_finite(s: Session, iteration: int, nonfinite: torch.Tensor):
     if not nonfinite.any():
         return
     names = [name for name, bad in zip(LOGGED, nonfinite.tolist()) if bad]
-    kept = (f"{s.latest} still holds the last good state (iteration {s.last_saved})" if s.last_saved is not None
-            else "no checkpoint had been saved yet")
-    raise MaganError(f"loss term(s) {', '.join(names)} became non-finite (NaN or inf) at iteration {iteration}"
-                     f"{'' if s.device.type == 'cpu' else ' or shortly before'}. {kept}. Try a lower --lr, "
-                     f"--no-fast, or a smaller weight for that term" + (", then --resume." if s.last_saved else "."))
+    if s.last_saved is None:
+        kept, then = "no checkpoint had been saved yet", "."
+    else:
+        kept = f"{s.latest} still holds the last good state (iteration {s.last_saved})"
+        then = ", then --resume."
+    when = "" if s.device.type == "cpu" else " or shortly before"
+    raise MaganError(f"loss term(s) {', '.join(names)} became non-finite (NaN or inf) at iteration "
+                     f"{iteration}{when}. {kept}. Try a lower --lr, --no-fast, or a smaller weight for that "
+                     f"term{then}")
 
 
 def write_samples(s: Session, iteration: int):
     """Sample grids of both directions, and the run page that shows them."""
     if not s.procs.main:
         return
-    for direction, (G_fwd, G_bwd) in (("a2b", (s.nets.G_ab, s.nets.G_ba)), ("b2a", (s.nets.G_ba, s.nets.G_ab))):
+    columns = len(grid_columns(s.cfg.mask_fusion))
+    for direction, G_fwd, G_bwd in (("a2b", s.nets.G_ab, s.nets.G_ba), ("b2a", s.nets.G_ba, s.nets.G_ab)):
         grid = sample_grid(G_fwd, G_bwd, s.samples[direction])
-        save_image_grid(grid, s.run / "samples" / f"{direction}_{iteration:07d}.png", ncol=len(grid_columns(s.cfg.mask_fusion)))
+        save_image_grid(grid, s.run / "samples" / f"{direction}_{iteration:07d}.png", ncol=columns)
         if s.tensorboard is not None:
-            s.tensorboard.add_images(f"samples/{direction}", grid.float().add(1).div(2).clamp(0, 1), iteration)
+            images = grid.float().add(1).div(2).clamp(0, 1)  # [-1, 1] -> [0, 1]
+            s.tensorboard.add_images(f"samples/{direction}", images, iteration)
     write_run_page(s.run, s.cfg, iteration, s.progress.speed, s.progress.eta(iteration))
     if iteration == s.start + s.cfg.sample_every or iteration == s.cfg.iters:
         s.progress.say(f"sample grids in {s.run / 'samples'}; the run page: {s.run / 'index.html'}")
@@ -1854,7 +1913,8 @@ def train(cfg: Config, checkpoint: dict | None = None) -> Path:
                     group["lr"] = lr
                 x_a, x_b = to_device(x_a, s.device, s.fast), to_device(x_b, s.device, s.fast)
                 weights = s.selfreg.weights(cfg) if s.selfreg else None
-                losses = train_step(s.nets, s.vgg, s.opt_G, s.opt_D, x_a, x_b, cfg, s.autocast, s.procs.sync, weights)
+                losses = train_step(s.nets, s.vgg, s.opt_G, s.opt_D, x_a, x_b, cfg, s.autocast,
+                                    s.procs.sync, weights)
                 if s.selfreg:
                     s.selfreg.update(s.procs.mean(losses["adv"]))
                 # Non-finite losses are noted on the device and read back only when we log or save
@@ -1862,7 +1922,8 @@ def train(cfg: Config, checkpoint: dict | None = None) -> Path:
                 bad = ~torch.isfinite(torch.stack([losses[k] for k in LOGGED]))
                 nonfinite = bad if nonfinite is None else nonfinite | bad
                 logged = iteration % cfg.log_every == 0 or iteration == cfg.iters
-                saving = iteration % cfg.save_every == 0 or iteration % cfg.snapshot_every == 0 or iteration == cfg.iters
+                saving = (iteration % cfg.save_every == 0 or iteration % cfg.snapshot_every == 0
+                          or iteration == cfg.iters)
                 if s.device.type == "cpu" or logged or saving:
                     check_finite(s, iteration, s.procs.maximum(nonfinite.float()) > 0)
                 report(s, iteration, lr, losses, logged)
@@ -1932,22 +1993,25 @@ def translate(ckpt: str | Path, input_path: str | Path, out: str | Path, directi
         if not chunk:
             continue
         x = torch.stack([to_tensor(im.resize((size, size), Image.Resampling.BILINEAR)) for _, im in chunk])
-        result = G(x.to(device))                                # image: (n, 3, S, S), heatmap: (n, 1, S/4, S/4)
+        result = G(x.to(device))                                 # image: (n, 3, S, S)
         colours = colorize(result.heatmap, size)                 # (n, 3, S, S)
         for i, (path, im) in enumerate(chunk):
             shape = im.size if keep_size else (size, size)
             target = target_of[path]
             target.parent.mkdir(parents=True, exist_ok=True)
-            to_pil(result.image[i]).resize(shape, Image.Resampling.BICUBIC).save(target, quality=95)  # quality: JPEG only
+            translation = to_pil(result.image[i]).resize(shape, Image.Resampling.BICUBIC)
+            translation.save(target, quality=95)                 # quality: read for JPEG only
             written.append(target)
             if heatmaps:
                 pictures = [("heatmaps", colours[i])] + ([("masks", result.mask[i].expand(3, -1, -1) * 2 - 1)]
                                                         if result.mask is not None else [])
                 for folder, picture in pictures:
                     (target.parent / folder).mkdir(exist_ok=True)
-                    to_pil(picture).resize(shape, Image.Resampling.BILINEAR).save(target.parent / folder / (target.stem + ".png"))
+                    picture = to_pil(picture).resize(shape, Image.Resampling.BILINEAR)
+                    picture.save(target.parent / folder / (target.stem + ".png"))
         done = min(first + batch, len(files))
-        print(f"translated {done}/{len(files)} images ({done / max(time.time() - start, 1e-9):.1f} img/s)", flush=True)
+        speed = done / max(time.time() - start, 1e-9)
+        print(f"translated {done}/{len(files)} images ({speed:.1f} img/s)", flush=True)
     return written
 
 
@@ -1957,7 +2021,8 @@ def translate(ckpt: str | Path, input_path: str | Path, out: str | Path, directi
 #
 #   KID = MMD²(real, fake) with the kernel k(x, y) = (xᵀy / d + 1)³ on d = 2048 Inception features.
 #   Unbiased estimate for sets X (m rows) and Y (n rows):
-#     MMD² = Σ_{i≠j} k(x_i, x_j) / (m(m−1)) + Σ_{i≠j} k(y_i, y_j) / (n(n−1)) − 2 Σ_{i,j} k(x_i, y_j) / (mn)
+#     MMD² = Σ_{i≠j} k(x_i, x_j) / (m(m−1)) + Σ_{i≠j} k(y_i, y_j) / (n(n−1))
+#            − 2 Σ_{i,j} k(x_i, y_j) / (mn)
 #
 # Unlike FID it is unbiased, so small test sets (100 images) give comparable numbers. Two ways to
 # average it are in use, and their numbers differ:
@@ -2002,8 +2067,8 @@ def kid_from_features(real: torch.Tensor, fake: torch.Tensor, protocol: str = "b
         if min(n_real, n_fake) < 2 * n_blocks:
             raise ValueError(f"blocks of {n_real}/{n_blocks} real and {n_fake}/{n_blocks} fake rows: "
                              f"every block needs at least 2 rows of each set")
-        values = torch.stack([mmd2_unbiased(r, f) for r, f in zip(real.split(block_sizes(n_real, n_blocks)),
-                                                                   fake.split(block_sizes(n_fake, n_blocks)))])
+        blocks = zip(real.split(block_sizes(n_real, n_blocks)), fake.split(block_sizes(n_fake, n_blocks)))
+        values = torch.stack([mmd2_unbiased(r, f) for r, f in blocks])
         std = (values.var(correction=1) / n_blocks).sqrt() if n_blocks > 1 else torch.tensor(float("nan"))
         return values.mean().item(), std.item()
     if protocol == "subsets":
@@ -2036,62 +2101,78 @@ def load_inception(kind: str = "fid", weights: str | None = None) -> InceptionFe
     if kind == "imagenet":
         print("warning: torchvision's ImageNet Inception gives KID values that are NOT comparable "
               "with the papers' tables (they used the FID Inception)", flush=True)
-        net, url = inception_v3(weights=None, aux_logits=True, init_weights=False), Inception_V3_Weights.IMAGENET1K_V1.url
-        what, other = "torchvision ImageNet Inception-v3", "--inception fid        the FID Inception (the papers' numbers)"
+        net = inception_v3(weights=None, aux_logits=True, init_weights=False)
+        url, what = Inception_V3_Weights.IMAGENET1K_V1.url, "torchvision ImageNet Inception-v3"
+        other = "--inception fid        the FID Inception (the papers' numbers)"
     else:
-        net, url = fid_inception_v3(), FID_INCEPTION_URL
-        what, other = "FID Inception", "--inception imagenet   torchvision's Inception (numbers NOT comparable with the papers')"
+        net, url, what = fid_inception_v3(), FID_INCEPTION_URL, "FID Inception"
+        other = "--inception imagenet   torchvision's Inception (numbers NOT comparable with the papers')"
     try:
         net.load_state_dict(fetch_state_dict(url, weights))
     except Exception as e:
+        cache = Path(torch.hub.get_dir()) / "checkpoints"
         raise MaganError(INCEPTION_HELP.format(what=what, reason=first_line(e), file=url.rsplit("/", 1)[1],
-                                               cache=Path(torch.hub.get_dir()) / "checkpoints", other=other)) from None
+                                               cache=cache, other=other)) from None
     return InceptionFeatures(net)
 
 
 @torch.no_grad()
-def inception_features(files: list[Path], net: InceptionFeatures, device: torch.device, batch: int = 50) -> torch.Tensor:
+def inception_features(files: list[Path], net: InceptionFeatures, device: torch.device,
+                       batch: int = 50) -> torch.Tensor:
     """(N, 2048) features of image files, batched; unreadable files are reported and skipped."""
     net = net.to(device)
     features, start, done = [], time.time(), 0
-    for first in range(0, len(files), batch):
-        images = [to_tensor(im).add(1).div(2) for _, im in readable_images(files[first:first + batch])]  # [0, 1]
-        if images:
-            x = torch.stack([F.interpolate(im[None], size=(299, 299), mode="bilinear", align_corners=False)[0]
-                             for im in images])                  # (n, 3, 299, 299)
-            features.append(net(x.to(device)).double().cpu())    # (n, 2048)
-        done = min(first + batch, len(files))
-        print(f"  Inception features: {done}/{len(files)} images of {files[0].parent} "
-              f"({done / max(time.time() - start, 1e-9):.1f} img/s)", flush=True)
+    # cuDNN may run fp32 convolutions in TF32 (10-bit mantissa) by default: not for the metric.
+    with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+        for first in range(0, len(files), batch):
+            features += inception_batch(files[first:first + batch], net, device)
+            done = min(first + batch, len(files))
+            print(f"  Inception features: {done}/{len(files)} images of {files[0].parent} "
+                  f"({done / max(time.time() - start, 1e-9):.1f} img/s)", flush=True)
     if not features:
         raise MaganError(f"no image in {files[0].parent if files else 'the folder'} could be decoded")
     return torch.cat(features)
 
 
+def inception_batch(files: list[Path], net: InceptionFeatures, device: torch.device) -> list[torch.Tensor]:
+    """[(n, 2048) features] of the files that decode, or [] when none does."""
+    images = [to_tensor(im).add(1).div(2) for _, im in readable_images(files)]   # (3, H, W) in [0, 1]
+    if not images:
+        return []
+    x = torch.stack([F.interpolate(im[None], size=(299, 299), mode="bilinear", align_corners=False)[0]
+                     for im in images])                                      # (n, 3, 299, 299)
+    return [net(x.to(device)).double().cpu()]                                # (n, 2048)
+
+
 def kid_between_folders(real: str | Path, fake: str | Path, protocol: str = "blocks", block_size: int = 10,
                         subsets: int = 100, subset_size: int = 1000, seed: int = 0, inception: str = "fid",
-                        inception_weights: str | None = None, device: str = "auto", batch: int = 50) -> tuple[float, float]:
+                        inception_weights: str | None = None, device: str = "auto",
+                        batch: int = 50) -> tuple[float, float]:
     """KID between two image folders, printed ×100 as the papers do. The file lists are shuffled
     with `seed` first, so the blocks do not follow a sorted listing. Returns (mean, std), ×1."""
     dev = pick_device(device)
     lists = []
     for folder in (real, fake):
         files = list_images(folder)
-        lists.append([files[i] for i in torch.randperm(len(files), generator=torch.Generator().manual_seed(seed))])
+        order = torch.randperm(len(files), generator=torch.Generator().manual_seed(seed))
+        lists.append([files[i] for i in order])
     smaller = min(len(files) for files in lists)
     if protocol == "subsets" and subset_size >= smaller:
-        raise MaganError(f"--subset-size {subset_size} is not smaller than the smaller folder ({smaller} images): "
-                         f"every subset would be the whole set and the ± would be 0. Pass --subset-size "
-                         f"{max(2, smaller // 2)}, or use --protocol blocks (the papers' estimator)")
+        raise MaganError(f"--subset-size {subset_size} is not smaller than the smaller folder ({smaller} "
+                         f"images): every subset would be the whole set and the ± would be 0. Pass "
+                         f"--subset-size {max(2, smaller // 2)}, or use --protocol blocks (the papers' "
+                         f"estimator)")
     net = load_inception(inception, inception_weights)
     real_features, fake_features = (inception_features(files, net, dev, batch) for files in lists)
     try:
-        mean, std = kid_from_features(real_features, fake_features, protocol, block_size, subsets, subset_size, seed)
+        mean, std = kid_from_features(real_features, fake_features, protocol, block_size, subsets,
+                                      subset_size, seed)
     except ValueError as e:
         raise MaganError(str(e)) from None
-    detail = f"blocks of at most {block_size}" if protocol == "blocks" else f"{subsets} subsets of {subset_size}"
-    print(f"KID×100 = {100 * mean:.2f} ± {100 * std:.2f}   ({protocol}: {detail}; {len(real_features)} real, "
-          f"{len(fake_features)} fake images; {inception} Inception)", flush=True)
+    detail = (f"blocks of at most {block_size}" if protocol == "blocks"
+              else f"{subsets} subsets of {subset_size}")
+    print(f"KID×100 = {100 * mean:.2f} ± {100 * std:.2f}   ({protocol}: {detail}; {len(real_features)} "
+          f"real, {len(fake_features)} fake images; {inception} Inception)", flush=True)
     return mean, std
 
 
@@ -2109,19 +2190,24 @@ def checked(convert, rule, explain: str):
     return parse
 
 
+def is_device(name: str) -> bool:
+    return name in ("auto", "cpu", "cuda") or (name.startswith("cuda:") and name[5:].isdigit())
+
+
 VALIDATORS = dict(
-    image_size=checked(int, lambda v: v >= 32 and v % 32 == 0, "is not a multiple of 32 (at least 32): the generator "
-                       "halves the image twice and the global discriminator up to five times"),
+    image_size=checked(int, lambda v: v >= 32 and v % 32 == 0, "is not a multiple of 32 (at least 32): "
+                       "the generator halves the image twice and the global discriminator up to five times"),
     positive_int=checked(int, lambda v: v > 0, "must be a positive integer"),
     worker_count=checked(int, lambda v: v >= -1, "must be 0 or more (or -1: automatic)"),
-    weight=checked(float, lambda v: math.isfinite(v) and v >= 0, "must be a finite number >= 0 (0 switches the term off)"),
+    weight=checked(float, lambda v: math.isfinite(v) and v >= 0,
+                   "must be a finite number >= 0 (0 switches the term off)"),
     positive_float=checked(float, lambda v: math.isfinite(v) and v > 0, "must be a finite number > 0"),
     fraction=checked(float, lambda v: 0 <= v < 1, "must be in [0, 1)"),
-    sam_exponent=checked(float, lambda v: math.isfinite(v) and v >= 1, "must be at least 1: |θ|^p with p < 1 has an "
-                         "infinite gradient where θ = 0, and ReLU features are exactly 0 often"),
-    device_name=checked(str, lambda v: v in ("auto", "cpu", "cuda") or (v.startswith("cuda:") and v[5:].isdigit()),
-                        "is not a device: use auto, cpu, cuda or cuda:N"),
+    sam_exponent=checked(float, lambda v: math.isfinite(v) and v >= 1, "must be at least 1: |θ|^p "
+                         "with p < 1 has an infinite gradient where θ = 0, and ReLU features are often 0"),
+    device_name=checked(str, is_device, "is not a device: use auto, cpu, cuda or cuda:N"),
 )
+POSITIVE = VALIDATORS["positive_int"]
 
 # U-GAT-IT's flags (its README's commands) and their magan spelling, for users who come from it.
 UGATIT_FLAGS = {"--img_size": "--size", "--light": "--light or --full (no value)", "--iteration": "--iters",
@@ -2130,7 +2216,8 @@ UGATIT_FLAGS = {"--img_size": "--size", "--light": "--light or --full (no value)
                 "--adv_weight": "--w-adv", "--cycle_weight": "--w-cycle", "--identity_weight": "--w-identity",
                 "--cam_weight": "--w-cam", "--weight_decay": "--weight-decay", "--n_res": "--n-res",
                 "--decay_flag": "nothing: the rate always decays over the second half",
-                "--phase": "the commands train and translate", "--benchmark_flag": "nothing: on with the fast path"}
+                "--phase": "the commands train and translate",
+                "--benchmark_flag": "nothing: on with the fast path"}
 
 
 class Parser(argparse.ArgumentParser):
@@ -2138,7 +2225,8 @@ class Parser(argparse.ArgumentParser):
     argv: list[str] = []
 
     def error(self, message: str):
-        hints = [f"  {flag} -> {UGATIT_FLAGS[flag]}" for flag in dict.fromkeys(a.split("=")[0] for a in self.argv)
+        flags = dict.fromkeys(a.split("=")[0] for a in self.argv)  # in order, once each
+        hints = [f"  {flag} -> {UGATIT_FLAGS[flag]}" for flag in flags
                  if flag in UGATIT_FLAGS and flag.replace("_", "-") not in self._option_string_actions]
         if any(a in ("True", "False") for a in self.argv):
             hints.append("  on/off flags take no value: --light / --full, --resume, --fast / --no-fast")
@@ -2154,7 +2242,8 @@ def add_config_flags(parser: argparse.ArgumentParser, defaults: Config):
         flag = "--" + f.name.replace("_", "-")
         help_text = f"{f.metadata['help']} (default: {getattr(defaults, f.name)})"
         if isinstance(f.default, bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                                help=help_text)
         else:
             kind = f.metadata.get("type", type(f.default))
             parser.add_argument(flag, type=VALIDATORS.get(kind, kind), choices=f.metadata.get("choices"),
@@ -2165,15 +2254,15 @@ def add_config_flags(parser: argparse.ArgumentParser, defaults: Config):
 
 def add_kid_flags(parser: argparse.ArgumentParser):
     parser.add_argument("--protocol", choices=("blocks", "subsets"), default="blocks",
-                        help="blocks: TF-GAN's estimator, the papers' numbers; subsets: torch-fidelity/torchmetrics'")
-    parser.add_argument("--block-size", type=VALIDATORS["positive_int"], default=10, help="largest block (blocks)")
-    parser.add_argument("--subsets", type=VALIDATORS["positive_int"], default=100, help="number of subsets (subsets)")
-    parser.add_argument("--subset-size", type=VALIDATORS["positive_int"], default=1000, help="subset size (subsets)")
+                        help="blocks: TF-GAN's estimator, the papers' numbers; subsets: torch-fidelity's")
+    parser.add_argument("--block-size", type=POSITIVE, default=10, help="largest block (blocks)")
+    parser.add_argument("--subsets", type=POSITIVE, default=100, help="number of subsets (subsets)")
+    parser.add_argument("--subset-size", type=POSITIVE, default=1000, help="subset size (subsets)")
     parser.add_argument("--seed", type=int, default=0, help="shuffles the file lists and draws the subsets")
     parser.add_argument("--inception", choices=("fid", "imagenet"), default="fid",
                         help="fid: the papers' features; imagenet: torchvision's, not comparable")
     parser.add_argument("--inception-weights", metavar="PATH", help="a local copy of the Inception weights")
-    parser.add_argument("--kid-batch", type=VALIDATORS["positive_int"], default=50, help="images per Inception pass")
+    parser.add_argument("--kid-batch", type=POSITIVE, default=50, help="images per Inception pass")
 
 
 def build_parser(argv: list[str]) -> Parser:
@@ -2182,29 +2271,32 @@ def build_parser(argv: list[str]) -> Parser:
     parser = Parser(prog="magan.py", description="MAGAN: unsupervised image-to-image translation with "
                                                  "multi-angle attention.", formatter_class=defaults)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
-    add_config_flags(commands.add_parser("train", help="train (a quick demo on data/ when no data is given)"), Config())
-    t = commands.add_parser("translate", help="translate images with a trained model", formatter_class=defaults)
-    t.add_argument("--ckpt", required=True, help="a checkpoint (runs/NAME/checkpoints/latest.pt) or an export")
+    train = commands.add_parser("train", help="train (a quick demo on data/ when no data is given)")
+    add_config_flags(train, Config())
+    t = commands.add_parser("translate", help="translate images with a trained model",
+                            formatter_class=defaults)
+    t.add_argument("--ckpt", required=True, help="a checkpoint (RUN/checkpoints/latest.pt) or an export")
     t.add_argument("--input", required=True, help="an image or a folder of images (any size or mode)")
     t.add_argument("--out", required=True, help="output folder (one image per input, same file name), or a "
                                                 "file name when --input is one image")
     t.add_argument("--direction", choices=("a2b", "b2a"), default="a2b")
-    t.add_argument("--heatmaps", action="store_true", help="also write attention heatmaps (and masks) beside them")
+    t.add_argument("--heatmaps", action="store_true", help="also write attention heatmaps (and masks)")
     t.add_argument("--keep-size", action=argparse.BooleanOptionalAction, default=True,
                    help="write each translation at its input's size and aspect ratio (else SxS)")
-    t.add_argument("--size", type=VALIDATORS["image_size"], help="run the generator at this size (default: the "
-                                                                   "training size; light mode only)")
-    t.add_argument("--batch", type=VALIDATORS["positive_int"], default=8, help="images per forward pass")
+    t.add_argument("--size", type=VALIDATORS["image_size"],
+                   help="run the generator at this size (default: the training size; light mode only)")
+    t.add_argument("--batch", type=POSITIVE, default=8, help="images per forward pass")
     t.add_argument("--device", type=VALIDATORS["device_name"], default="auto")
     t.add_argument("--kid-against", metavar="DIR", help="then score the translations against the real "
                                                         "target-domain images in DIR (e.g. testB)")
     add_kid_flags(t)
-    k = commands.add_parser("kid", help="kernel inception distance between two image folders", formatter_class=defaults)
+    k = commands.add_parser("kid", help="kernel inception distance between two image folders",
+                            formatter_class=defaults)
     k.add_argument("--real", required=True, help="folder of real target-domain images")
     k.add_argument("--fake", required=True, help="folder of translated images")
     k.add_argument("--device", type=VALIDATORS["device_name"], default="auto")
     add_kid_flags(k)
-    e = commands.add_parser("export", help="the generators and config of a checkpoint, for sharing and translating")
+    e = commands.add_parser("export", help="the generators and config of a checkpoint, for sharing")
     e.add_argument("--ckpt", required=True, help="a training checkpoint")
     e.add_argument("--out", required=True, help="the file to write, e.g. horse2zebra.pt")
     b = commands.add_parser("bench", help="time full training iterations: fp32, fast path, peak memory",
@@ -2287,26 +2379,29 @@ def add_bench_flags(b: argparse.ArgumentParser):
     b.add_argument("--size", type=VALIDATORS["image_size"], default=256)
     b.add_argument("--light", action=argparse.BooleanOptionalAction, default=True, help="light or --no-light")
     b.add_argument("--full", dest="light", action="store_false", help="full mode (the paper's setting)")
-    b.add_argument("--ch", type=VALIDATORS["positive_int"], default=64)
-    b.add_argument("--n-res", type=VALIDATORS["positive_int"], default=4)
+    b.add_argument("--ch", type=POSITIVE, default=64)
+    b.add_argument("--n-res", type=POSITIVE, default=4)
     b.add_argument("--attention", choices=("ma", "cam", "sam", "none"), default="ma")
-    b.add_argument("--preset", choices=tuple(PRESETS), default="magan", help="ugatit: no VGG losses, CAM attention")
-    b.add_argument("--batch", type=VALIDATORS["positive_int"], default=1)
+    b.add_argument("--preset", choices=tuple(PRESETS), default="magan",
+                   help="ugatit: U-GAT-IT's objective (no VGG losses, CAM attention)")
+    b.add_argument("--batch", type=POSITIVE, default=1)
     b.add_argument("--device", type=VALIDATORS["device_name"], default="auto")
-    b.add_argument("--iters", type=VALIDATORS["positive_int"], default=20, help="timed iterations")
-    b.add_argument("--warmup", type=VALIDATORS["positive_int"], default=5, help="untimed iterations first")
+    b.add_argument("--iters", type=POSITIVE, default=20, help="timed iterations")
+    b.add_argument("--warmup", type=POSITIVE, default=5, help="untimed iterations first")
     b.add_argument("--compile", action="store_true", help="also time the fast path under torch.compile")
 
 
 def bench_command(args: argparse.Namespace):
-    values = {**PRESETS[args.preset], "size": args.size, "light": args.light, "ch": args.ch, "n_res": args.n_res,
-              "batch": args.batch, "device": args.device, "compile": args.compile, "preset": args.preset}
+    values = {**PRESETS[args.preset], "size": args.size, "light": args.light, "ch": args.ch,
+              "n_res": args.n_res, "batch": args.batch, "device": args.device, "compile": args.compile,
+              "preset": args.preset}
     if args.preset == "magan":
         values["attention"] = args.attention
     bench(Config(**values), args.iters, args.warmup)
 
 
-def time_iterations(cfg: Config, mode: str, device: torch.device, procs: Processes, iters: int, warmup: int) -> dict:
+def time_iterations(cfg: Config, mode: str, device: torch.device, procs: Processes, iters: int,
+                    warmup: int) -> dict:
     """Warm up, then time `iters` training steps of one path (fp32, fast, fast+compile)."""
     fast = mode.startswith("fast")
     torch.manual_seed(cfg.seed)
@@ -2330,9 +2425,10 @@ def time_iterations(cfg: Config, mode: str, device: torch.device, procs: Process
         synchronize()
         timings.append(time.perf_counter() - start)
         if procs.main:
-            print(f"  {mode}: {'warm-up' if len(timings) == 1 else 'timed'} {n} iterations in {timings[-1]:.1f} s",
-                  flush=True)
-    return dict(mode=mode, it_per_s=iters / timings[1], ms_per_iter=1000 * timings[1] / iters, warmup_s=timings[0])
+            what = "warm-up" if len(timings) == 1 else "timed"
+            print(f"  {mode}: {what} {n} iterations in {timings[-1]:.1f} s", flush=True)
+    warmup_s, timed_s = timings
+    return dict(mode=mode, it_per_s=iters / timed_s, ms_per_iter=1000 * timed_s / iters, warmup_s=warmup_s)
 
 
 def bench(cfg: Config, iters: int = 20, warmup: int = 5) -> list[dict]:
@@ -2351,14 +2447,16 @@ def bench(cfg: Config, iters: int = 20, warmup: int = 5) -> list[dict]:
         model = MAGAN(cfg)
         model.vgg = vgg19_features()
     say = print if procs.main else (lambda *args, **kwargs: None)
-    say(f"MAGAN at {cfg.size}px, {'light' if cfg.light else 'full'}, ch {cfg.ch}, n_res {cfg.n_res}, attention "
-        f"{cfg.attention}, preset {cfg.preset}, batch {cfg.batch} per process, {procs.world} process(es) on {device}"
+    say(f"MAGAN at {cfg.size}px, {'light' if cfg.light else 'full'}, ch {cfg.ch}, n_res {cfg.n_res}, "
+        f"attention {cfg.attention}, preset {cfg.preset}, batch {cfg.batch} per process, "
+        f"{procs.world} process(es) on {device}"
         + (f" ({torch.cuda.get_device_name(device)}, torch {torch.__version__})" if device.type == "cuda" else
            f" (torch {torch.__version__}, {torch.get_num_threads()} threads)"))
-    say(f"parameters: generator {count_parameters(model.G_ab) / 1e6:.2f}M (x2), global D "
-        f"{count_parameters(model.D_ga) / 1e6:.2f}M (x2), local D {count_parameters(model.D_la) / 1e6:.2f}M (x2), "
-        f"total {count_parameters(model) / 1e6:.2f}M"
-        + (f"; VGG19 to relu5_4 {count_parameters(model.vgg) / 1e6:.2f}M (frozen)" if needs_vgg(cfg) else ""))
+    millions = {name: count_parameters(getattr(model, name)) / 1e6
+                for name in ("G_ab", "D_ga", "D_la", "vgg")}
+    say(f"parameters: generator {millions['G_ab']:.2f}M (x2), global D {millions['D_ga']:.2f}M (x2), "
+        f"local D {millions['D_la']:.2f}M (x2), total {count_parameters(model) / 1e6 - millions['vgg']:.2f}M"
+        + (f"; VGG19 to relu5_4 {millions['vgg']:.2f}M (frozen)" if needs_vgg(cfg) else ""))
     rows = []
     for mode in modes:
         row = time_iterations(cfg, mode, device, procs, iters, warmup)
@@ -2368,11 +2466,13 @@ def bench(cfg: Config, iters: int = 20, warmup: int = 5) -> list[dict]:
     say(f"\n{'path':<14}{'it/s':>8}{'ms/iter':>10}{'images/s, all':>15}{'peak GiB':>10}{'warm-up s':>11}"
         f"{'1M iterations':>15}{'speed-up':>10}")
     for row in rows:
-        say(f"{row['mode']:<14}{row['it_per_s']:>8.2f}{row['ms_per_iter']:>10.1f}{row['total_img_per_s']:>15.2f}"
-            f"{row['peak_gib']:>10.2f}{row['warmup_s']:>11.1f}{format_seconds(1e6 / row['it_per_s']):>15}"
+        say(f"{row['mode']:<14}{row['it_per_s']:>8.2f}{row['ms_per_iter']:>10.1f}"
+            f"{row['total_img_per_s']:>15.2f}{row['peak_gib']:>10.2f}{row['warmup_s']:>11.1f}"
+            f"{format_seconds(1e6 / row['it_per_s']):>15}"
             f"{rows[0]['ms_per_iter'] / row['ms_per_iter']:>9.2f}x")
     if procs.world > 1:
-        say(f"(it/s and ms/iter: rank 0's; every process trains on {cfg.batch} image(s) per domain and iteration)")
+        say(f"(it/s and ms/iter: rank 0's; every process trains on {cfg.batch} image(s) per domain "
+            f"and iteration)")
     if device.type != "cuda":
         say("(the fast path is CUDA-only: on CPU training always runs the fp32 path. Peak GiB on CPU is the\n"
             " growth of the process's peak resident memory, cumulative over rows: a rough upper bound)")

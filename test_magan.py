@@ -1065,8 +1065,9 @@ def test_ugatit_preset_resolves_to_its_flags_and_explicit_flags_win(tmp_path):
     run = magan.train(cfg)
     saved = json.loads((run / "config.json").read_text())
     assert saved["preset"] == "ugatit" and saved["attention"] == "cam" and saved["w_style"] == 0.0
-    with pytest.raises(MaganError, match="needs --mask-fusion"):
-        magan.make_config({"data": str(DATA), "mask_to_d": True})
+    for option in (dict(mask_to_d=True), dict(w_tv=1.0), dict(selfreg_target=1.0)):
+        with pytest.raises(MaganError, match="needs --"):
+            magan.train(tiny_config(tmp_path / "invalid", **option))
 
 
 def test_a_mask_fusion_checkpoint_translates_and_resumes(tmp_path):
@@ -1267,12 +1268,17 @@ def test_translate_command_line_with_kid(trained_run, tmp_path, inception_weight
     assert bad.returncode == 2 and "no checkpoint" in bad.stderr and "Traceback" not in bad.stderr
 
 
-def test_kid_of_a_folder_with_nothing_decodable_is_a_clear_error(tmp_path, inception_weights):
-    broken = tmp_path / "broken"
-    broken.mkdir()
+def truncated_jpegs(folder: Path) -> Path:
+    """A folder of three JPEGs cut to a third: their headers read, their pixels do not decode."""
+    folder.mkdir()
     data = (DATA / "testA" / "0000.jpg").read_bytes()
     for i in range(3):
-        (broken / f"{i}.jpg").write_bytes(data[: len(data) // 3])
+        (folder / f"{i}.jpg").write_bytes(data[: len(data) // 3])
+    return folder
+
+
+def test_kid_of_a_folder_with_nothing_decodable_is_a_clear_error(tmp_path, inception_weights):
+    broken = truncated_jpegs(tmp_path / "broken")
     with pytest.raises(MaganError, match="could be decoded"):
         magan.kid_between_folders(DATA / "testA", broken, inception_weights=str(inception_weights), device="cpu")
 
@@ -1532,7 +1538,7 @@ class FakeProcesses:
         self.world, self.rank = world, rank
 
 
-DIST_FLAGS = ["--size", "32", "--ch", "8", "--n-res", "1", "--vgg-weights", "random", "--device", "cpu",
+DIST_FLAGS = ["--data", str(DATA), "--size", "32", "--ch", "8", "--n-res", "1", "--vgg-weights", "random", "--device", "cpu",
               "--workers", "0", "--log-every", "2", "--sample-every", "100", "--n-samples", "2"]
 
 
@@ -1693,11 +1699,7 @@ def test_unusable_folders_are_clear_errors(tmp_path, make, message):
 
 
 def test_folder_of_only_undecodable_images_fails_before_training(tmp_path):
-    folder = tmp_path / "broken"
-    folder.mkdir()
-    data = (DATA / "trainA" / "0000.jpg").read_bytes()
-    for i in range(3):
-        (folder / f"{i}.jpg").write_bytes(data[: len(data) // 3])
+    folder = truncated_jpegs(tmp_path / "broken")
     with pytest.raises(MaganError, match="can be decoded"):
         magan.train(tiny_config(tmp_path, b=str(folder)))
 
@@ -1876,3 +1878,51 @@ def test_full_mode_checkpoint_translates_only_at_its_size(tmp_path):
     run = magan.train(tiny_config(tmp_path, iters=1, light=False, save_every=1, sample_every=1))
     with pytest.raises(MaganError, match="training size 32"):
         magan.translate(run / "checkpoints" / "latest.pt", DATA / "testA", tmp_path / "x", device="cpu", size=64)
+
+
+# #################################################################################################
+# CUDA: run only where a GPU is present (skipped in CI). The fast path against fp32, compile,
+# checkpoints that move between CUDA and CPU, translate and KID on the GPU.
+# #################################################################################################
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@requires_cuda
+def test_cuda_fast_path_matches_fp32_on_one_step(tmp_path):
+    """bf16 autocast, channels_last and fused Adam on the GPU against fp32 from the same weights.
+    Tolerance: each loss within 2% (bf16 keeps 8 bits of mantissa; CUDA autocast casts more ops
+    than CPU's, e.g. spectral norm's power iteration)."""
+    cfg = tiny_config(tmp_path, size=64, device="cuda")
+    results = []
+    for fast in (False, True):
+        torch.manual_seed(0)
+        nets, vgg, autocast = magan.place_networks(MAGAN(cfg), magan.load_vgg("random"), torch.device("cuda"), fast)
+        opt_G, opt_D = magan.make_optimizers(nets, cfg, fast)
+        x_a, x_b = (random_images(1, 64, seed).cuda() for seed in (1, 2))
+        results.append(magan.train_step(nets, vgg, opt_G, opt_D, magan.to_device(x_a, torch.device("cuda"), fast),
+                                        magan.to_device(x_b, torch.device("cuda"), fast), cfg, autocast))
+    for name in results[0]:
+        assert results[1][name].item() == pytest.approx(results[0][name].item(), rel=0.02, abs=1e-6), name
+
+
+@requires_cuda
+def test_cuda_training_with_compile_and_resume_across_devices(tmp_path):
+    run = magan.train(tiny_config(tmp_path, size=64, device="cuda", compile=True, iters=3, save_every=3))
+    assert magan.load_checkpoint(run / "checkpoints" / "latest.pt")["iteration"] == 3
+    magan.train(tiny_config(tmp_path, size=64, device="cpu", iters=4, save_every=4, resume=True))
+    magan.train(tiny_config(tmp_path, size=64, device="cuda", iters=5, save_every=5, resume=True))
+    ckpt = magan.load_checkpoint(run / "checkpoints" / "latest.pt")
+    assert ckpt["iteration"] == 5
+    assert all(torch.isfinite(v).all() for net in ckpt["nets"].values() for v in net.values() if v.is_floating_point())
+
+
+@requires_cuda
+def test_cuda_translate_and_kid(trained_run, tmp_path, inception_weights):
+    written = magan.translate(trained_run / "checkpoints" / "latest.pt", DATA / "testA", tmp_path / "out", device="cuda")
+    assert len(written) == 20
+    on_gpu = magan.kid_between_folders(DATA / "testB", tmp_path / "out", block_size=5,
+                                       inception_weights=str(inception_weights), device="cuda")
+    on_cpu = magan.kid_between_folders(DATA / "testB", tmp_path / "out", block_size=5,
+                                       inception_weights=str(inception_weights), device="cpu")
+    assert on_gpu[0] == pytest.approx(on_cpu[0], rel=1e-3, abs=1e-6)  # TF32 must not leak into KID
