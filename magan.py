@@ -49,6 +49,7 @@ import os
 import signal
 import sys
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -506,7 +507,8 @@ def self_regularisation(features_output: tuple, features_input: tuple) -> torch.
     cites, takes its layers): G should keep the input's low-level look (colours, edges)."""
     total = 0
     for w, f_out, f_in in zip(SELFREG_LAYER_WEIGHTS, features_output, features_input):
-        squared = (f_out.float() - f_in.float()).square().sum(dim=1)   # (B, H_l, W_l): over channels
+        # fp32 by hand: autocast would leave the squares and their sum over channels in bf16
+        squared = (f_out.float() - f_in.float()).square().sum(dim=1)   # (B, H_l, W_l)
         total = total + w * squared.mean()                               # mean over positions (and batch)
     return total
 
@@ -1229,13 +1231,16 @@ def learning_rate(iteration: int, cfg: Config) -> float:
     return cfg.lr * (cfg.iters - iteration) / (cfg.iters - half)
 
 
+def available_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def resolve_workers(workers: int, processes_per_machine: int = 1) -> int:
     """-1 (auto): one data worker fewer than this process's share of the CPU cores, at most 4. More
     workers than cores only adds switching (and PyTorch warns about it)."""
     if workers >= 0:
         return workers
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(0, min(4, cores // processes_per_machine - 1))
+    return max(0, min(4, available_cores() // processes_per_machine - 1))
 
 
 # --- 8.5 Checkpoints ----------------------------------------------------------------------------
@@ -1699,7 +1704,7 @@ class Session:
     start: int = 0
     last_saved: int | None = None     # the iteration in latest.pt, once there is one
     selfreg: AdaptiveWeight | None = None
-    loader: object = None
+    batches: object = None            # the data loader's iterator
     progress: Progress | None = None
     log_file: object = None
     log: object = None
@@ -1802,10 +1807,16 @@ def open_outputs(s: Session, say):
     """The data loader, and on the main process the run folder: config.json, log.csv, progress."""
     cfg = s.cfg
     workers = resolve_workers(cfg.workers, s.procs.local_world)
-    s.loader = torch.utils.data.DataLoader(
-        s.data, batch_size=cfg.batch, sampler=IterationSamples(s.start, cfg.iters, cfg.batch, s.procs),
-        num_workers=workers, collate_fn=collate_pairs, pin_memory=s.device.type == "cuda",
-        worker_init_fn=ignore_stop_signals if workers else None)
+    if workers > available_cores():
+        say(f"note: {workers} data workers on {available_cores()} CPU core(s): more workers than cores "
+            f"only adds switching (--workers -1 picks for you)", flush=True)
+    with warnings.catch_warnings():  # PyTorch says the same twice, in its own words
+        warnings.filterwarnings("ignore", message="This DataLoader will create")
+        loader = torch.utils.data.DataLoader(
+            s.data, batch_size=cfg.batch, sampler=IterationSamples(s.start, cfg.iters, cfg.batch, s.procs),
+            num_workers=workers, collate_fn=collate_pairs, pin_memory=s.device.type == "cuda",
+            worker_init_fn=ignore_stop_signals if workers else None)
+        s.batches = iter(loader)  # the worker processes start here, while the rest is set up
     s.progress = Progress(cfg, s.start, show=s.procs.main)
     if not s.procs.main:
         return
@@ -1904,9 +1915,9 @@ def train(cfg: Config, checkpoint: dict | None = None) -> Path:
     cfg, nonfinite, iteration = s.cfg, None, s.start
     try:
         with StopOnSignal() as stop:
-            for iteration, (x_a, x_b, skipped) in enumerate(s.loader, s.start + 1):
+            for iteration, (x_a, x_b, skipped) in enumerate(s.batches, s.start + 1):
                 for name in set(skipped) - s.reported:
-                    print(f"skipping unreadable image {name}", flush=True)
+                    (s.progress.say if s.procs.main else print)(f"skipping unreadable image {name}")
                     s.reported.add(name)
                 lr = learning_rate(iteration - 1, cfg)
                 for group in s.opt_G.param_groups + s.opt_D.param_groups:
@@ -2346,6 +2357,9 @@ def main(argv: list[str] | None = None) -> int:
     except MaganError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # a second Ctrl-C while training: stop now, without saving
+        print("\naborted: nothing saved since the last checkpoint, which is intact", file=sys.stderr)
+        return 130
     return 0
 
 
