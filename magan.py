@@ -378,8 +378,9 @@ class Generator(nn.Module):
 # Per domain, two PatchGAN discriminators judge every patch of an image: a local one down to S/8
 # (a 70x70 receptive field at 256 px: textures, stripes) and a global one down to S/32 (286x286:
 # the whole object and its shape). Each has the same multi-angle attention, with p = 1.
-#   * Spectral norm on every convolution and classifier bounds D's Lipschitz constant, so its
-#     logits cannot grow without limit and the least-squares game stays stable.
+#   * Spectral norm on every convolution and classifier (all but the 1x1 conv after the attention,
+#     as U-GAT-IT) bounds D's Lipschitz constant, so its logits cannot grow without limit and the
+#     least-squares game stays stable.
 #   * LeakyReLU(0.2): G learns only through the gradient that flows back through D; a ReLU would
 #     block it wherever a unit is negative.
 
@@ -869,8 +870,8 @@ PRESETS = {
                    vgg_weights="none", mask_fusion=False),
 }
 
-# `python magan.py train` with no data: a demo on the bundled data that downloads nothing and shows
-# stripes within about 30 minutes on two CPU cores (measured: see the README), or a minute on a GPU.
+# `python magan.py train` with no data: a demo on the bundled data that downloads nothing. Measured
+# on two CPU cores: a first sample grid after ~1 minute, stripes after ~3, done after ~12.
 BUNDLED = Path(__file__).resolve().parent / "data"  # the small dataset that comes with this file
 DEMO = dict(a=str(BUNDLED / "trainA"), b=str(BUNDLED / "trainB"), size=64, ch=16, n_res=2, vgg_weights="none",
             w_style=0.0, w_content=0.0, iters=3000, log_every=50, sample_every=250, save_every=500)
@@ -1071,7 +1072,8 @@ def g_step(nets: MAGAN, vgg, x_a, x_b, t: Translations, opt_G, cfg: Config, auto
     the gradient flows through it into the fakes, but no D parameter gradient is computed."""
     for D in nets.discriminators():
         D.requires_grad_(False)
-    terms = {name: torch.zeros((), device=x_a.device) for name in LOSS_TERMS}
+    zero = x_a.new_zeros((), dtype=torch.float32)  # shared: a term is replaced, never updated in place
+    terms = dict.fromkeys(LOSS_TERMS, zero)
     with autocast:
         rec_a = nets.G_ba(t.fake_ab).image                        # G_ba(G_ab(x_a)): (B, 3, S, S)
         rec_b = nets.G_ab(t.fake_ba).image                        # G_ab(G_ba(x_b))
@@ -1836,14 +1838,13 @@ def open_outputs(s: Session, say):
             "data flags runs a small demo instead", flush=True)
 
 
-def report(s: Session, iteration: int, lr: float, losses: dict, logged: bool):
+def report(s: Session, iteration: int, lr: float, stacked: torch.Tensor, logged: bool):
     """The progress line (when due) and, every --log-every iterations, a log.csv row of the losses
-    averaged over the processes."""
-    stacked = torch.stack([losses[k] for k in LOGGED])
-    if logged:
-        stacked = s.procs.mean(stacked)  # every process takes part, at the same iterations
+    (`stacked`, in the order of LOGGED) averaged over the processes."""
     if not (logged or (s.procs.main and s.progress.due(iteration))):
         return
+    if logged:
+        stacked = s.procs.mean(stacked)  # every process takes part, at the same iterations
     values = dict(zip(LOGGED, stacked.tolist()))  # the only GPU sync of the iteration
     speed = s.progress.report(iteration, lr, values)
     if logged and s.procs.main:
@@ -1930,14 +1931,15 @@ def train(cfg: Config, checkpoint: dict | None = None) -> Path:
                     s.selfreg.update(s.procs.mean(losses["adv"]))
                 # Non-finite losses are noted on the device and read back only when we log or save
                 # (on a CPU reading is free, so every iteration): the GPU never waits for the check.
-                bad = ~torch.isfinite(torch.stack([losses[k] for k in LOGGED]))
+                stacked = torch.stack([losses[k] for k in LOGGED])
+                bad = ~torch.isfinite(stacked)
                 nonfinite = bad if nonfinite is None else nonfinite | bad
                 logged = iteration % cfg.log_every == 0 or iteration == cfg.iters
                 saving = (iteration % cfg.save_every == 0 or iteration % cfg.snapshot_every == 0
                           or iteration == cfg.iters)
                 if s.device.type == "cpu" or logged or saving:
                     check_finite(s, iteration, s.procs.maximum(nonfinite.float()) > 0)
-                report(s, iteration, lr, losses, logged)
+                report(s, iteration, lr, stacked, logged)
                 if iteration % cfg.sample_every == 0 or iteration == cfg.iters:
                     write_samples(s, iteration)
                 stopping = s.procs.any(stop.requested is not None)  # a signal may also come while sampling
@@ -2060,6 +2062,16 @@ def block_sizes(n: int, n_blocks: int) -> list[int]:
     return [small] * (n_blocks - n_big) + [small + 1] * n_big
 
 
+def subset_size_problem(subset_size: int, smaller: int) -> str | None:
+    """Why `subset_size` cannot work for a smaller set of `smaller` images, or None."""
+    if 2 <= subset_size < smaller:
+        return None
+    return (f"--subset-size {subset_size} must be at least 2 and smaller than the smaller set ({smaller} "
+            f"images): subsets as large as the set are all the whole set, and their spread (the ±) would "
+            f"be 0. Pass --subset-size {max(2, smaller // 2)}, or use --protocol blocks (the papers' "
+            f"estimator, made for test sets of ~100 images)")
+
+
 def kid_from_features(real: torch.Tensor, fake: torch.Tensor, protocol: str = "blocks", block_size: int = 10,
                       subsets: int = 100, subset_size: int = 1000, seed: int = 0) -> tuple[float, float]:
     """KID between two feature sets (N, d), in raw units: (mean, std). Computed in float64.
@@ -2083,12 +2095,9 @@ def kid_from_features(real: torch.Tensor, fake: torch.Tensor, protocol: str = "b
         std = (values.var(correction=1) / n_blocks).sqrt() if n_blocks > 1 else torch.tensor(float("nan"))
         return values.mean().item(), std.item()
     if protocol == "subsets":
-        if not 2 <= subset_size < min(n_real, n_fake):
-            raise ValueError(
-                f"subset size {subset_size} must be at least 2 and smaller than the smaller set "
-                f"({min(n_real, n_fake)} images): subsets as large as the set are all the whole set, and "
-                f"their spread (the ±) would be 0. Pass a smaller --subset-size, or use --protocol blocks "
-                f"(the papers' estimator, made for test sets of ~100 images)")
+        problem = subset_size_problem(subset_size, min(n_real, n_fake))
+        if problem:
+            raise ValueError(problem)
         g = torch.Generator().manual_seed(seed)
         values = torch.stack([mmd2_unbiased(real[torch.randperm(n_real, generator=g)[:subset_size]],
                                             fake[torch.randperm(n_fake, generator=g)[:subset_size]])
@@ -2167,12 +2176,9 @@ def kid_between_folders(real: str | Path, fake: str | Path, protocol: str = "blo
         files = list_images(folder)
         order = torch.randperm(len(files), generator=torch.Generator().manual_seed(seed))
         lists.append([files[i] for i in order])
-    smaller = min(len(files) for files in lists)
-    if protocol == "subsets" and subset_size >= smaller:
-        raise MaganError(f"--subset-size {subset_size} is not smaller than the smaller folder ({smaller} "
-                         f"images): every subset would be the whole set and the ± would be 0. Pass "
-                         f"--subset-size {max(2, smaller // 2)}, or use --protocol blocks (the papers' "
-                         f"estimator)")
+    problem = subset_size_problem(subset_size, min(len(files) for files in lists))
+    if protocol == "subsets" and problem:  # before the slow Inception pass
+        raise MaganError(problem)
     net = load_inception(inception, inception_weights)
     real_features, fake_features = (inception_features(files, net, dev, batch) for files in lists)
     try:
@@ -2232,8 +2238,11 @@ UGATIT_FLAGS = {"--img_size": "--size", "--light": "--light or --full (no value)
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse, plus a hint of magan's spelling when a U-GAT-IT flag is given."""
-    argv: list[str] = []
+    """argparse, plus a hint of magan's spelling when a U-GAT-IT flag is among `argv`."""
+
+    def __init__(self, *args, argv: list[str] = (), **kwargs):
+        super().__init__(*args, **kwargs)
+        self.argv = list(argv)
 
     def error(self, message: str):
         flags = dict.fromkeys(a.split("=")[0] for a in self.argv)  # in order, once each
@@ -2277,11 +2286,12 @@ def add_kid_flags(parser: argparse.ArgumentParser):
 
 
 def build_parser(argv: list[str]) -> Parser:
-    Parser.argv = argv
     defaults = argparse.ArgumentDefaultsHelpFormatter
     parser = Parser(prog="magan.py", description="MAGAN: unsupervised image-to-image translation with "
-                                                 "multi-angle attention.", formatter_class=defaults)
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
+                                                 "multi-angle attention.", formatter_class=defaults,
+                    argv=argv)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND",
+                                     parser_class=lambda **kwargs: Parser(argv=argv, **kwargs))
     train = commands.add_parser("train", help="train (a quick demo on data/ when no data is given)")
     add_config_flags(train, Config())
     t = commands.add_parser("translate", help="translate images with a trained model",

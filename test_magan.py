@@ -1038,6 +1038,17 @@ def test_resume_gives_identical_weights(tmp_path):
     assert logged == [2, 4]  # the stale row 3 was dropped on resume; nothing is logged twice
 
 
+def test_resume_keeps_sats_adaptive_weight(tmp_path):
+    options = dict(w_selfreg=1.0, selfreg_target=100.0, save_every=2, snapshot_every=100, sample_every=100)
+    straight = magan.train(tiny_config(tmp_path / "a", iters=4, **options))
+    magan.train(tiny_config(tmp_path / "b", iters=2, **options))
+    resumed = magan.train(tiny_config(tmp_path / "b", iters=4, resume=True, **options))
+    one, two = state_of(straight), state_of(resumed)
+    assert one["selfreg"][0] == pytest.approx(4 * 1.0 / 1000)  # λ rose by w/1000 per iteration, never held
+    assert torch.equal(one["selfreg"], two["selfreg"])
+    assert all(torch.equal(v, two["nets"]["G_ab"][k]) for k, v in one["nets"]["G_ab"].items())
+
+
 def test_sample_grid_runs_in_eval_mode_without_gradients_and_restores_the_mode():
     torch.manual_seed(0)
     G_ab, G_ba = Generator(ch=4, n_res=1, size=32), Generator(ch=4, n_res=1, size=32)
@@ -1390,6 +1401,7 @@ def test_translate_command_line_with_kid(trained_run, tmp_path, inception_weight
     assert "translated 8/8" in result.stdout and "KID×100 = " in result.stdout and "3 subsets of 4" in result.stdout
     whole = subprocess.run(command + ["--subset-size", "8"], capture_output=True, text=True, cwd=HERE, timeout=300)
     assert whole.returncode == 2 and "±" in whole.stderr and "--subset-size 4" in whole.stderr
+    assert "Inception features" not in whole.stdout  # refused before the slow Inception pass
     bad = subprocess.run(
         [sys.executable, str(HERE / "magan.py"), "translate", "--ckpt", str(tmp_path / "nothing.pt"),
          "--input", str(DATA / "testA"), "--out", str(out)], capture_output=True, text=True, cwd=HERE)
@@ -1527,6 +1539,28 @@ def test_workers_default_to_the_machine(monkeypatch):
     assert magan.resolve_workers(3) == 3
     monkeypatch.setattr(magan.os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)
     assert magan.resolve_workers(-1) == 4
+
+
+def test_more_workers_than_cores_is_said_once_in_our_words(tmp_path, capsys, monkeypatch):
+    import warnings
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)  # one core, for PyTorch too
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        magan.train(tiny_config(tmp_path, iters=1, workers=2))
+    assert capsys.readouterr().out.count("note: 2 data workers on 1 CPU core(s)") == 1
+    assert not [w for w in caught if "DataLoader will create" in str(w.message)]
+
+
+def test_a_second_ctrl_c_exits_without_a_traceback(monkeypatch, capsys):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(magan, "train", interrupted)
+    try:
+        code = magan.main(["train", "--data", str(DATA)])
+    except KeyboardInterrupt:
+        pytest.fail("the KeyboardInterrupt escaped main(): the user would see a traceback")
+    assert code == 130
+    assert "aborted" in capsys.readouterr().err
 
 
 class PageParser(__import__("html.parser").parser.HTMLParser):
