@@ -19,7 +19,7 @@ use the same attention. Read top to bottom, this file is a tutorial of the paper
 
     Part I, the model        1 normalisation  2 attention  3 generator  4 discriminator  5 losses
     Part II, running it      6 data  7 config  8 training  9 translation  10 KID  11 command line
-    Appendices               A benchmark  B the FID Inception network
+    Appendices               A several GPUs  B the run page  C benchmark  D the FID Inception network
 
     python magan.py train                          # a quick demo on the bundled data in data/
     python magan.py train --data horse2zebra       # the paper's setting on a CycleGAN-layout folder
@@ -69,6 +69,12 @@ from torchvision.utils import make_grid
 class MaganError(Exception):
     """A problem the user can fix (bad folder, missing weights, wrong checkpoint...). The command
     line prints its message without a traceback. The model itself raises plain ValueErrors."""
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an exception's message (or its type): enough to say what went wrong."""
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0]}" if text else type(error).__name__
 
 
 # #################################################################################################
@@ -181,7 +187,13 @@ class MultiAngleAttention(nn.Module):
     `angles`: "ma" (GAP, GMP, SAM), "cam" (GAP, GMP: U-GAT-IT), "sam", or "none" (θ goes straight to
     the 1x1 conv and there are no class logits): the ablations of MAGAN Table 4.
     `spectral`: spectral norm on the classifiers (the discriminators). `leaky`: LeakyReLU(0.2)
-    after the 1x1 conv (D) instead of ReLU (G)."""
+    after the 1x1 conv (D) instead of ReLU (G).
+
+    >>> attention = MultiAngleAttention(channels=64, grid=16)   # θ of a 64-px image in G: S/4 = 16
+    >>> out = attention(torch.randn(2, 64, 16, 16))              # θ: (B, C, h, w)
+    >>> tuple(out.features.shape), tuple(out.logits.shape), tuple(out.heatmap.shape)
+    ((2, 64, 16, 16), (2, 3), (2, 1, 16, 16))
+    """
 
     ANGLES = {"ma": ("gap", "gmp", "sam"), "cam": ("gap", "gmp"), "sam": ("sam",), "none": ()}
 
@@ -189,8 +201,7 @@ class MultiAngleAttention(nn.Module):
                  spectral: bool = False, leaky: bool = False):
         super().__init__()
         if p < 1:
-            raise ValueError(f"SAM exponent p = {p}: use p >= 1 (for p < 1, |θ|^p has an infinite "
-                             f"gradient at θ = 0)")
+            raise ValueError(f"SAM exponent p = {p} < 1")  # why not: see the --p-gen check, section 7
         maybe_sn = spectral_norm if spectral else (lambda m: m)
         n_inputs = {"gap": channels, "gmp": channels, "sam": grid * grid}
         self.fc = nn.ModuleDict({name: maybe_sn(nn.Linear(n_inputs[name], 1, bias=False))
@@ -211,8 +222,7 @@ class MultiAngleAttention(nn.Module):
         weight = self.fc["sam"].weight.view(1, 1, self.grid, self.grid)
         if (h, w) != (self.grid, self.grid):
             if self.training:
-                raise ValueError(f"SAM was built for a {self.grid}x{self.grid} feature grid and got {h}x{w}: "
-                                 f"train at the size the network was built for (only eval mode resizes)")
+                raise ValueError(f"SAM built for a {self.grid}x{self.grid} grid got {h}x{w} in training")
             weight = F.interpolate(weight, size=(h, w), mode="bilinear", align_corners=False)
         return weight.view(h, w)
 
@@ -221,29 +231,33 @@ class MultiAngleAttention(nn.Module):
         logits, maps = [], []
         # Each `fc.weight` is read once. Under spectral norm that is the *normalised* weight, the
         # one that produced the logit (U-GAT-IT's code re-weights θ with the raw parameter), and
-        # every read runs a power iteration.
-        if "gap" in self.fc:
-            weight = self.fc["gap"].weight                         # ω_β: (1, C)
-            logits.append(theta.mean(dim=(2, 3)) @ weight.t())     # ξ_β: (B, C) @ (C, 1) -> (B, 1)
-            maps.append(theta * weight.view(1, C, 1, 1))           # a_β: (B, C, h, w)
-        if "gmp" in self.fc:
-            weight = self.fc["gmp"].weight                         # ω_α: (1, C)
-            logits.append(theta.amax(dim=(2, 3)) @ weight.t())     # ξ_α: (B, 1)
-            maps.append(theta * weight.view(1, C, 1, 1))           # a_α: (B, C, h, w)
-        if "sam" in self.fc:
-            # fp32 by hand: autocast would leave |θ|^p and its channel sum in bf16.
-            gamma = theta.float().abs().pow(self.p).sum(dim=1)     # γ = Σ_n |θ_n|^p: (B, h, w)
-            # Choice: γ is scaled to unit root-mean-square per sample. Raw γ grows like C·|θ|^p and
-            # would swamp the other logits. Unit *L2 norm* (as activation-based attention transfer)
-            # is too small: under spectral norm |ω_γ| = 1, so ξ_γ would be stuck in [-1, 1] and D
-            # could not reach the LSGAN targets. Measured with a D trained alone (128 px, grid 15):
-            # SAM's LSGAN loss stayed at 0.47 (real 0.46 vs fake 0.42); with unit RMS 0.22 (0.74 vs
-            # 0.27). Unit RMS is unit L2 norm times sqrt(h·w).
-            gamma = gamma.flatten(1)                               # (B, h·w)
-            gamma = gamma * torch.rsqrt(gamma.square().mean(dim=1, keepdim=True) + 1e-12)
-            weight = self.sam_weight_map(h, w)                     # ω_γ: (h, w)
-            logits.append(gamma @ weight.reshape(-1, 1).to(gamma.dtype))  # ξ_γ: (B, h·w) @ (h·w, 1)
-            maps.append(theta * weight.to(theta.dtype))            # a_γ: (B, C, h, w)
+        # every read runs a power iteration. The logits are three tiny matrix products, which
+        # autocast (CPU and CUDA) would run in bf16: they run in fp32, with autocast off.
+        with torch.autocast(theta.device.type, enabled=False):
+            pooled = theta.float()
+            if "gap" in self.fc:
+                weight = self.fc["gap"].weight                         # ω_β: (1, C)
+                logits.append(pooled.mean(dim=(2, 3)) @ weight.t())    # ξ_β: (B, C) @ (C, 1) -> (B, 1)
+                maps.append(theta * weight.view(1, C, 1, 1))           # a_β: (B, C, h, w)
+            if "gmp" in self.fc:
+                weight = self.fc["gmp"].weight                         # ω_α: (1, C)
+                logits.append(pooled.amax(dim=(2, 3)) @ weight.t())    # ξ_α: (B, 1)
+                maps.append(theta * weight.view(1, C, 1, 1))           # a_α: (B, C, h, w)
+            if "sam" in self.fc:
+                # SAM's map γ, the activation energy at each position (`energy` here, to keep the
+                # name γ for AdaLIN's scale): γ = Σ_n |θ_n|^p, in fp32 from the fp32 copy of θ.
+                energy = pooled.abs().pow(self.p).sum(dim=1)           # (B, h, w)
+                # Choice: γ is scaled to unit root-mean-square per sample. Raw γ grows like C·|θ|^p
+                # and would swamp the other logits. Unit *L2 norm* (as activation-based attention
+                # transfer) is too small: under spectral norm |ω_γ| = 1, so ξ_γ would be stuck in
+                # [-1, 1] and D could not reach the LSGAN targets. Measured with a D trained alone
+                # (128 px, grid 15): SAM's LSGAN loss stayed at 0.47 (real 0.46 vs fake 0.42); with
+                # unit RMS 0.22 (0.74 vs 0.27). Unit RMS is unit L2 norm times sqrt(h·w).
+                energy = energy.flatten(1)                             # (B, h·w)
+                energy = energy * torch.rsqrt(energy.square().mean(dim=1, keepdim=True) + 1e-12)
+                weight = self.sam_weight_map(h, w)                     # ω_γ: (h, w)
+                logits.append(energy @ weight.reshape(-1, 1))          # ξ_γ: (B, h·w) @ (h·w, 1) -> (B, 1)
+                maps.append(theta * weight)                            # a_γ: (B, C, h, w)
         # MAGAN (1):  Γ(x) = Concat(ξ_α, ξ_β, ξ_γ). We keep U-GAT-IT's order, GAP before GMP:
         # (ξ_β, ξ_α, ξ_γ). Each logit gets the same loss, so the order changes nothing.
         logits = torch.cat(logits, dim=1) if logits else theta.new_zeros(B, 0)   # (B, n_angles)
@@ -316,7 +330,13 @@ class Generator(nn.Module):
 
     `light`: the γ, β MLP reads the global average of a(x) (U-GAT-IT's --light) instead of the
     whole flattened map (the paper's full mode: C·(S/4)²·C weights, 268M at S = 256, ch = 64).
-    `mask_fusion`: the last layer also draws a mask M and the output is AGGAN's fusion."""
+    `mask_fusion`: the last layer also draws a mask M and the output is AGGAN's fusion.
+
+    >>> G = Generator(ch=8, n_res=2, size=64)                  # C = 4·ch = 32 channels at S/4
+    >>> out = G(torch.rand(2, 3, 64, 64) * 2 - 1)              # images in [-1, 1]
+    >>> tuple(out.image.shape), tuple(out.logits.shape), tuple(out.heatmap.shape), out.mask
+    ((2, 3, 64, 64), (2, 3), (2, 1, 16, 16), None)
+    """
 
     def __init__(self, ch: int = 64, n_res: int = 4, size: int = 256, light: bool = True,
                  attention: str = "ma", p: float = 2.0, mask_fusion: bool = False):
@@ -349,12 +369,10 @@ class Generator(nn.Module):
 
     def forward(self, x: torch.Tensor) -> GeneratorOutput:          # x: (B, 3, S, S)
         if x.shape[-2] % 4 or x.shape[-1] % 4:
-            raise ValueError(f"image size {tuple(x.shape[-2:])} is not a multiple of 4: the generator "
-                             f"halves it twice and doubles it twice")
+            raise ValueError(f"image size {tuple(x.shape[-2:])} is not a multiple of 4")
         theta = self.encoder(x)                                     # θ: (B, C, S/4, S/4)
         if not self.light and theta.shape[-2:] != (self.grid, self.grid):
-            raise ValueError(f"full mode reads the whole attention map, so it only runs at the size it was "
-                             f"built for ({4 * self.grid} px), not {x.shape[-2]}x{x.shape[-1]}")
+            raise ValueError(f"full mode runs at {4 * self.grid} px only, not {x.shape[-2]}x{x.shape[-1]}")
         attention = self.attention(theta)
         a = attention.features                                      # a(x): (B, C, S/4, S/4)
         style = a.mean(dim=(2, 3)) if self.light else a.flatten(1)  # (B, C) or (B, C·(S/4)²)
@@ -398,7 +416,13 @@ class DiscriminatorOutput(NamedTuple):
 
 class Discriminator(nn.Module):
     """D: (B, in_channels, S, S) -> DiscriminatorOutput, with h = S / 2^n_down − 1 the attention grid.
-    `in_channels` is 4 for AGGAN's attention-guided D, which sees an image and a mask together."""
+    `in_channels` is 4 for AGGAN's attention-guided D, which sees an image and a mask together.
+
+    >>> D = Discriminator(ch=8, n_down=3, size=64)             # a local D: down to S/8, h = 8 − 1 = 7
+    >>> out = D(torch.rand(2, 3, 64, 64) * 2 - 1)
+    >>> tuple(out.patch.shape), tuple(out.logits.shape), tuple(out.heatmap.shape)
+    ((2, 1, 6, 6), (2, 3), (2, 1, 7, 7))
+    """
 
     def __init__(self, ch: int = 64, n_down: int = 5, size: int = 256, attention: str = "ma",
                  p: float = 1.0, in_channels: int = 3):
@@ -580,22 +604,136 @@ class VGGFeatures(nn.Module):
 #
 # #################################################################################################
 
-def first_line(error: BaseException) -> str:
-    """The first line of an exception's message (or its type): enough to say what went wrong."""
-    text = str(error).strip()
-    return f"{type(error).__name__}: {text.splitlines()[0]}" if text else type(error).__name__
-
-
 # =================================================================================================
 # 6. Data: two unpaired folders (CycleGAN layout ROOT/trainA, trainB, testA, testB)
 # =================================================================================================
+# The two domains are *unpaired*: no horse has its zebra. Training sample k is therefore one image
+# of each domain, drawn independently, each with U-GAT-IT's augmentation. Everything random about
+# sample k is a pure function of (seed, k), which is what makes a resumed run draw exactly the
+# samples an uninterrupted one would have.
+
+def keyed_generator(*key) -> torch.Generator:
+    """A torch.Generator seeded by a hash of `key`: the randomness of sample k is a pure function of
+    (seed, k), so a resumed run draws exactly what an uninterrupted one would."""
+    digest = hashlib.sha256(repr(key).encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
+
+
+class UnpairedImages(torch.utils.data.Dataset):
+    """Item k is the k-th training sample (x_a, x_b, skipped): each domain is walked in a fresh
+    random order every epoch, independently (the data are unpaired), and each image gets U-GAT-IT's
+    augmentation (appendix B.2): a horizontal flip with p = 0.5, a resize to (S+30)², a random SxS
+    crop. Files that fail to decode (a truncated JPEG, say) are replaced by the next file, and
+    their names returned so that the trainer reports them (section 6.2 reads the files).
+
+    Any k >= 0 is a sample; len() is one epoch of the larger domain, so that a plain
+    DataLoader(data, shuffle=True) works too. Training reads k = 0, 1, 2, ... (IterationSamples)."""
+
+    def __init__(self, folder_a, folder_b, size: int, seed: int):
+        self.files = (list_images(folder_a), list_images(folder_b))
+        self.size, self.seed = size, seed
+        for files in self.files:  # fail before training if no file of a domain decodes at all
+            self._first_readable(files)
+
+    def __len__(self) -> int:
+        return max(len(files) for files in self.files)
+
+    def __getitem__(self, k: int):
+        images, skipped = [], []
+        for domain, files in enumerate(self.files):
+            epoch, position = divmod(k, len(files))
+            order = torch.randperm(len(files), generator=keyed_generator(self.seed, domain, epoch))
+            im, bad = self._first_readable(files, int(order[position]))
+            # Each domain draws its own flip and crop: the same draw for both would pair them.
+            images.append(self._augment(im, keyed_generator(self.seed, domain, "augment", k)))
+            skipped += bad
+        return images[0], images[1], skipped
+
+    def _augment(self, im: Image.Image, g: torch.Generator) -> torch.Tensor:
+        big, S = self.size + 30, self.size
+        if torch.rand((), generator=g) < 0.5:
+            im = im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        im = im.resize((big, big), Image.Resampling.BILINEAR)
+        top, left = torch.randint(0, big - S + 1, (2,), generator=g).tolist()  # any of the 31x31 offsets
+        return to_tensor(im.crop((left, top, left + S, top + S)))  # (3, S, S)
+
+    def _first_readable(self, files, start=0):
+        skipped = []
+        for i in range(len(files)):
+            path = files[(start + i) % len(files)]
+            try:
+                return load_rgb(path, self.size + 30), skipped
+            except Exception as e:
+                skipped.append(f"{path} ({first_line(e)})")
+        raise MaganError(f"no image in {files[0].parent} can be decoded:\n  " + "\n  ".join(skipped))
+
+
+class IterationSamples(torch.utils.data.Sampler):
+    """The sample indices one process reads, iteration after iteration, from `start`: iteration k
+    on rank r of `world` processes reads samples (k·world + r)·B ... (k·world + r)·B + B − 1. One
+    process with batch world·B reads the same samples in the same iteration (appendix A)."""
+
+    def __init__(self, start: int, iters: int, batch: int, world: int = 1, rank: int = 0):
+        self.start, self.iters, self.batch, self.world, self.rank = start, iters, batch, world, rank
+
+    def __iter__(self):
+        for k in range(self.start, self.iters):
+            first = (k * self.world + self.rank) * self.batch
+            yield from range(first, first + self.batch)
+
+    def __len__(self):
+        return (self.iters - self.start) * self.batch
+
+
+def collate_pairs(samples):
+    """Stack a list of (x_a, x_b, skipped) into (B, 3, S, S) batches and one list of skipped files."""
+    x_a = torch.stack([s[0] for s in samples])
+    x_b = torch.stack([s[1] for s in samples])
+    return x_a, x_b, [name for s in samples for name in s[2]]
+
+
+def ignore_stop_signals(_worker_id):
+    """Data workers leave Ctrl-C and SIGTERM to the main process, which saves a checkpoint and then
+    shuts them down. `timeout`, SLURM (scancel, preemption) and systemd signal the whole process
+    group: a worker that died of the signal would crash the main process before it could save."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def available_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def resolve_workers(workers: int, processes_per_machine: int = 1) -> int:
+    """-1 (auto): one data worker fewer than this process's share of the CPU cores, at most 4. More
+    workers than cores only adds switching (and PyTorch warns about it)."""
+    if workers >= 0:
+        return workers
+    return max(0, min(4, available_cores() // processes_per_machine - 1))
+
+
+def training_batches(data: UnpairedImages, batch: int, start: int, iters: int, workers: int,
+                     world: int = 1, rank: int = 0, pin_memory: bool = False):
+    """The (x_a, x_b, skipped) batches of iterations start+1 ... iters, loaded by `workers`
+    processes (0: in this one) while the networks compute. The workers start here."""
+    with warnings.catch_warnings():  # PyTorch says the same twice, in its own words; train() says it once
+        warnings.filterwarnings("ignore", message="This DataLoader will create")
+        loader = torch.utils.data.DataLoader(
+            data, batch_size=batch, sampler=IterationSamples(start, iters, batch, world, rank),
+            num_workers=workers, collate_fn=collate_pairs, pin_memory=pin_memory,
+            worker_init_fn=ignore_stop_signals if workers else None)
+        return iter(loader)
+
+
+# --- 6.2 Reading images safely: any format, mode and size; broken files are skipped ---------------
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 
 
 def load_rgb(path: Path, draft_size: int | None = None) -> Image.Image:
     """Open any image Pillow reads and return it as 8-bit RGB, upright. Raises OSError/ValueError
-    if the file is not a readable image (the caller decides whether to skip it)."""
+    if the file is not a readable image (the caller decides whether to skip it). `draft_size`: a
+    large JPEG may be decoded at a reduced scale, still at least that size."""
     with Image.open(path) as im:
         if draft_size:
             im.draft("RGB", (draft_size, draft_size))  # JPEG: decode a 4000x3000 photo at 1/8 scale
@@ -672,75 +810,11 @@ def dataset_folders(root: str | Path) -> tuple[str, str]:
     """--data ROOT: the training folders ROOT/trainA and ROOT/trainB (testA/testB give the samples)."""
     root = Path(root)
     if not looks_like_dataset_root(root):
-        hint = (f" It holds images itself: pass it as --a or --b." if any(
+        hint = (" It holds images itself: pass it as --a or --b." if any(
             p.suffix.lower() in IMAGE_SUFFIXES for p in root.glob("*")) else "")
         raise MaganError(f"--data {root}: expected the CycleGAN layout {root}/trainA, {root}/trainB "
                          f"(and testA, testB for the sample grids).{hint}")
     return str(root / "trainA"), str(root / "trainB")
-
-
-def keyed_generator(*key) -> torch.Generator:
-    """A torch.Generator seeded by a hash of `key`: the randomness of sample k is a pure function of
-    (seed, k), so a resumed run draws exactly what an uninterrupted one would."""
-    digest = hashlib.sha256(repr(key).encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
-
-
-class UnpairedImages(torch.utils.data.Dataset):
-    """Item k is the k-th training sample (x_a, x_b, skipped): each domain is walked in a fresh
-    random order every epoch, independently (the data are unpaired), and each image gets U-GAT-IT's
-    augmentation (appendix B.2): a horizontal flip with p = 0.5, a resize to (S+30)², a random SxS
-    crop. Files that fail to decode (a truncated JPEG, say) are replaced by the next file, and
-    their names returned so that the trainer reports them."""
-
-    def __init__(self, folder_a, folder_b, size: int, seed: int):
-        self.files = (list_images(folder_a), list_images(folder_b))
-        self.size, self.seed = size, seed
-        for files in self.files:  # fail before training if no file of a domain decodes at all
-            self._first_readable(files)
-
-    def _first_readable(self, files, start=0):
-        skipped = []
-        for i in range(len(files)):
-            path = files[(start + i) % len(files)]
-            try:
-                return load_rgb(path, self.size + 30), skipped
-            except Exception as e:
-                skipped.append(f"{path} ({first_line(e)})")
-        raise MaganError(f"no image in {files[0].parent} can be decoded:\n  " + "\n  ".join(skipped))
-
-    def _augment(self, im: Image.Image, g: torch.Generator) -> torch.Tensor:
-        big, S = self.size + 30, self.size
-        if torch.rand((), generator=g) < 0.5:
-            im = im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        im = im.resize((big, big), Image.Resampling.BILINEAR)
-        top, left = torch.randint(0, big - S + 1, (2,), generator=g).tolist()  # any of the 31x31 offsets
-        return to_tensor(im.crop((left, top, left + S, top + S)))  # (3, S, S)
-
-    def __getitem__(self, k: int):
-        images, skipped = [], []
-        for domain, files in enumerate(self.files):
-            epoch, position = divmod(k, len(files))
-            order = torch.randperm(len(files), generator=keyed_generator(self.seed, domain, epoch))
-            im, bad = self._first_readable(files, int(order[position]))
-            images.append(self._augment(im, keyed_generator(self.seed, domain, "augment", k)))
-            skipped += bad
-        return images[0], images[1], skipped
-
-
-def collate_pairs(samples):
-    """Stack a list of (x_a, x_b, skipped) into (B, 3, S, S) batches and one list of skipped files."""
-    x_a = torch.stack([s[0] for s in samples])
-    x_b = torch.stack([s[1] for s in samples])
-    return x_a, x_b, [name for s in samples for name in s[2]]
-
-
-def ignore_stop_signals(_worker_id):
-    """Data workers leave Ctrl-C and SIGTERM to the main process, which saves a checkpoint and then
-    shuts them down. `timeout`, SLURM (scancel, preemption) and systemd signal the whole process
-    group: a worker that died of the signal would crash the main process before it could save."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def fixed_images(folder: str | Path, n: int, size: int) -> torch.Tensor:
@@ -764,97 +838,126 @@ def sample_folder(train_folder: str) -> Path:
             return test
     return train
 
-
 # =================================================================================================
 # 7. Configuration: every default is the paper's, and the command line is generated from it
 # =================================================================================================
-# Each field becomes a flag (`n_res` -> `--n-res`) whose help is the text below. A `type` names a
-# validator of section 11. Where the paper is silent, the default says so.
+# Each field of Config becomes a flag (`n_res` -> `--n-res`) whose help is the text beside it, and
+# whose `type` (one of the checks below) refuses a bad value while the command line is parsed, with
+# the reason. This is the one place where the rules are explained: the networks keep only terse
+# guards. Where the papers are silent, the default says so.
 
-def opt(default, help, **argparse_kwargs):
-    """A config field with its help text (and optionally a `type=` validator name or `choices=`)."""
+def checked(convert, rule, explain: str):
+    """An argparse `type`: convert the text, then refuse values that break `rule`, saying why."""
+    def parse(text: str):
+        value = convert(text)
+        if not rule(value):
+            raise argparse.ArgumentTypeError(f"{text} {explain}")
+        return value
+    return parse
+
+
+SIZE_RULE = ("is not a multiple of 32 (at least 32): the generator halves the image twice and the "
+             "global discriminator up to five times")
+image_size = checked(int, lambda v: v >= 32 and v % 32 == 0, SIZE_RULE)
+positive_int = checked(int, lambda v: v > 0, "must be a positive integer")
+worker_count = checked(int, lambda v: v >= -1, "must be 0 or more (or -1: automatic)")
+weight = checked(float, lambda v: math.isfinite(v) and v >= 0, "must be a finite number >= 0 (0 switches "
+                                                                 "the term off)")
+positive_float = checked(float, lambda v: math.isfinite(v) and v > 0, "must be a finite number > 0")
+fraction = checked(float, lambda v: 0 <= v < 1, "must be in [0, 1)")
+sam_exponent = checked(float, lambda v: math.isfinite(v) and v >= 1, "must be at least 1: |θ|^p with p < 1 "
+                       "has an infinite gradient where θ = 0, and ReLU features are often 0")
+device_name = checked(str, lambda v: v in ("auto", "cpu", "cuda") or (v.startswith("cuda:") and v[5:].isdigit()),
+                      "is not a device: use auto, cpu, cuda or cuda:N")
+
+
+def option(default, help: str, **argparse_kwargs):
+    """A Config field with its help text (and optionally a `type=` check from above, or `choices=`)."""
     return field(default=default, metadata=dict(help=help, **argparse_kwargs))
 
 
 @dataclass
 class Config:
     # data and run folder
-    data: str = opt("", "a CycleGAN-layout dataset root: ROOT/trainA, ROOT/trainB (testA/testB, beside "
-                        "them, give the sample grids). Or name the two folders with --a and --b")
-    a: str = opt("data/trainA", "folder of domain-A training images (testA beside it gives the samples)")
-    b: str = opt("data/trainB", "folder of domain-B training images (testB beside it gives the samples)")
-    out: str = opt("runs/magan", "run folder: config.json, log.csv, index.html, samples/, checkpoints/")
-    preset: str = opt("magan", "magan: MAGAN's objective; ugatit: U-GAT-IT's (CAM attention, no VGG "
-                               "losses). Explicit flags override a preset", choices=("magan", "ugatit"))
-    size: int = opt(256, "image size S, a multiple of 32 (the paper: 256)", type="image_size")
+    data: str = option("", "a CycleGAN-layout dataset root: ROOT/trainA, ROOT/trainB (testA/testB, beside "
+                           "them, give the sample grids). Or name the two folders with --a and --b")
+    a: str = option("data/trainA", "folder of domain-A training images (testA beside it gives the samples)")
+    b: str = option("data/trainB", "folder of domain-B training images (testB beside it gives the samples)")
+    out: str = option("runs/magan", "run folder: config.json, log.csv, index.html, samples/, checkpoints/")
+    preset: str = option("magan", "magan: MAGAN's objective; ugatit: U-GAT-IT's (CAM attention, no VGG "
+                                  "losses). Explicit flags override a preset", choices=("magan", "ugatit"))
+    size: int = option(256, "image size S, a multiple of 32 (the paper: 256)", type=image_size)
     # model (U-GAT-IT appendix Tables 4-6; MAGAN §2.1-2.2; AGGAN)
-    ch: int = opt(64, "base width of every network (the paper: 64)", type="positive_int")
-    n_res: int = opt(4, "residual blocks in the generator's encoder and decoder (the paper: 4)",
-                     type="positive_int")
-    light: bool = opt(True, "light mode: the γ/β MLP reads the global-average-pooled attention map. "
-                            "--full is the paper's setting (flattened map, ~268M weights per generator "
-                            "at 256 px)")
-    attention: str = opt("ma", "ma = GMP+GAP+SAM (MAGAN), cam = GMP+GAP (U-GAT-IT), sam = SAM only, "
-                               "none: the ablations of MAGAN Table 4", choices=("ma", "cam", "sam", "none"))
-    p_gen: float = opt(2.0, "SAM exponent p >= 1 in the generators (MAGAN: 2; Table 5)",
-                       type="sam_exponent")
-    p_dis: float = opt(1.0, "SAM exponent p >= 1 in the discriminators (MAGAN: 1; Table 5)",
-                       type="sam_exponent")
-    mask_fusion: bool = opt(False, "AGGAN: the generator draws content R and a mask M and outputs "
-                                   "R*M + x*(1-M). Try with --w-tv 1 --w-pixel 1")
-    mask_to_d: bool = opt(False, "AGGAN's attention-guided discriminators: D sees [image, mask] "
-                                 "(needs --mask-fusion)")
-    gan_loss: str = opt("lsgan", "adversarial loss: lsgan (U-GAT-IT's code) or bce (MAGAN's printed eq. 4)",
-                        choices=("lsgan", "bce"))
+    ch: int = option(64, "base width of every network (the paper: 64)", type=positive_int)
+    n_res: int = option(4, "residual blocks in the generator's encoder and decoder (the paper: 4)",
+                        type=positive_int)
+    light: bool = option(True, "light mode: the γ/β MLP reads the global-average-pooled attention map. "
+                               "--full is the paper's setting (flattened map, ~268M weights per generator "
+                               "at 256 px)")
+    attention: str = option("ma", "ma = GMP+GAP+SAM (MAGAN), cam = GMP+GAP (U-GAT-IT), sam = SAM only, "
+                                  "none: the ablations of MAGAN Table 4", choices=("ma", "cam", "sam", "none"))
+    p_gen: float = option(2.0, "SAM exponent p >= 1 in the generators (MAGAN: 2; Table 5)", type=sam_exponent)
+    p_dis: float = option(1.0, "SAM exponent p >= 1 in the discriminators (MAGAN: 1; Table 5)",
+                          type=sam_exponent)
+    mask_fusion: bool = option(False, "AGGAN: the generator draws content R and a mask M and outputs "
+                                      "R*M + x*(1-M). Try with --w-tv 1 --w-pixel 1")
+    mask_to_d: bool = option(False, "AGGAN's attention-guided discriminators: D sees [image, mask] "
+                                    "(needs --mask-fusion)")
+    gan_loss: str = option("lsgan", "adversarial loss: lsgan (U-GAT-IT's code) or bce (MAGAN's printed "
+                                    "eq. 4)", choices=("lsgan", "bce"))
     # loss weights (0 switches a term off). Adversarial, cycle, identity and CAM are U-GAT-IT's.
     # MAGAN gives no weights for style and content: 1 is our default, untuned (tuning needs the
     # ImageNet VGG, which the machines this was written on cannot download).
-    w_adv: float = opt(1.0, "weight of the adversarial loss, MAGAN eq. 4", type="weight")
-    w_cycle: float = opt(10.0, "weight of the pixel cycle L1 loss (U-GAT-IT eq. 3)", type="weight")
-    w_identity: float = opt(10.0, "weight of the identity L1 loss (U-GAT-IT eq. 4)", type="weight")
-    w_cam: float = opt(1000.0, "weight of the generators' CAM loss (MAGAN eq. 7, U-GAT-IT eq. 5)",
-                       type="weight")
-    w_style: float = opt(1.0, "weight of the Gram style loss on VGG19 relu4_4, MAGAN eq. 5", type="weight")
-    w_content: float = opt(1.0, "weight of the content loss on VGG19 relu5_4, MAGAN eq. 6", type="weight")
-    w_tv: float = opt(0.0, "weight of AGGAN's total variation of the masks (with --mask-fusion)",
-                      type="weight")
-    w_pixel: float = opt(0.0, "weight of AGGAN's pixel loss |G(x) - x|", type="weight")
-    w_selfreg: float = opt(0.0, "weight of SAT's self-regularisation (perceptual distance x to G(x) on "
-                                "VGG19's first layers); the largest weight with --selfreg-target",
-                           type="weight")
-    selfreg_target: float = opt(0.0, "SAT's adaptive weight: raise the self-regularisation weight from 0 "
-                                     "until the generators' adversarial loss passes this value, then hold "
-                                     "it (0: a fixed weight)", type="weight")
-    vgg_weights: str = opt("imagenet", "VGG19 for the style/content losses: imagenet (torchvision, "
-                                       "downloaded once to the torch cache), PATH to a torchvision VGG19 "
-                                       "state dict, none (no perceptual losses: their weights become 0), "
-                                       "or random (offline smoke runs only: NOT the paper)")
+    w_adv: float = option(1.0, "weight of the adversarial loss, MAGAN eq. 4", type=weight)
+    w_cycle: float = option(10.0, "weight of the pixel cycle L1 loss (U-GAT-IT eq. 3)", type=weight)
+    w_identity: float = option(10.0, "weight of the identity L1 loss (U-GAT-IT eq. 4)", type=weight)
+    w_cam: float = option(1000.0, "weight of the generators' CAM loss (MAGAN eq. 7, U-GAT-IT eq. 5)",
+                          type=weight)
+    w_style: float = option(1.0, "weight of the Gram style loss on VGG19 relu4_4, MAGAN eq. 5", type=weight)
+    w_content: float = option(1.0, "weight of the content loss on VGG19 relu5_4, MAGAN eq. 6", type=weight)
+    w_tv: float = option(0.0, "weight of AGGAN's total variation of the masks (with --mask-fusion)",
+                         type=weight)
+    w_pixel: float = option(0.0, "weight of AGGAN's pixel loss |G(x) - x|", type=weight)
+    w_selfreg: float = option(0.0, "weight of SAT's self-regularisation (perceptual distance x to G(x) on "
+                                   "VGG19's first layers); the largest weight with --selfreg-target",
+                              type=weight)
+    selfreg_target: float = option(0.0, "SAT's adaptive weight: raise the self-regularisation weight from 0 "
+                                         "until the generators' adversarial loss passes this value, then "
+                                         "hold it (0: a fixed weight)", type=weight)
+    vgg_weights: str = option("imagenet", "VGG19 for the style/content losses: imagenet (torchvision, "
+                                          "downloaded once to the torch cache), PATH to a torchvision VGG19 "
+                                          "state dict, none (no perceptual losses: their weights become 0), "
+                                          "or random (offline smoke runs only: NOT the paper)")
     # optimisation (MAGAN §3.3; U-GAT-IT appendix B.2)
-    iters: int = opt(1_000_000, "training iterations; the learning rate decays linearly to 0 over the "
-                                "second half", type="positive_int")
-    batch: int = opt(1, "images per domain per iteration and process (the paper: 1)", type="positive_int")
-    lr: float = opt(1e-4, "Adam learning rate", type="positive_float")
-    beta1: float = opt(0.5, "Adam beta1", type="fraction")
-    beta2: float = opt(0.999, "Adam beta2", type="fraction")
-    weight_decay: float = opt(1e-4, "Adam weight decay", type="weight")
+    iters: int = option(1_000_000, "training iterations; the learning rate decays linearly to 0 over the "
+                                   "second half", type=positive_int)
+    batch: int = option(1, "images per domain per iteration and process (the paper: 1)", type=positive_int)
+    lr: float = option(1e-4, "Adam learning rate", type=positive_float)
+    beta1: float = option(0.5, "Adam beta1", type=fraction)
+    beta2: float = option(0.999, "Adam beta2", type=fraction)
+    weight_decay: float = option(1e-4, "Adam weight decay", type=weight)
     # machinery
-    device: str = opt("auto", "auto (CUDA when available), cpu, cuda or cuda:N", type="device_name")
-    seed: int = opt(0, "random seed: weights, data order and augmentation all follow from it", type=int)
-    fast: bool = opt(True, "on CUDA: bf16 autocast (norm statistics and losses in fp32), channels_last, "
-                           "fused Adam. Ignored on CPU")
-    compile: bool = opt(False, "torch.compile the networks (slow start, see `bench`)")
-    workers: int = opt(-1, "data-loading worker processes (0: load in the main process; -1: one fewer "
-                           "than the CPU cores, at most 4)", type="worker_count")
-    log_every: int = opt(100, "a progress line and a log.csv row every N iterations (and a progress line "
-                              "at least every 30 s)", type="positive_int")
-    sample_every: int = opt(1000, "sample grids and the run page every N iterations", type="positive_int")
-    save_every: int = opt(1000, "write checkpoints/latest.pt every N iterations", type="positive_int")
-    snapshot_every: int = opt(100_000, "keep a copy checkpoints/iter_N.pt every N iterations",
-                              type="positive_int")
-    n_samples: int = opt(4, "test images per sample grid", type="positive_int")
-    tensorboard: bool = opt(False, "also write TensorBoard event files to RUN/tensorboard (needs the "
-                                   "tensorboard package)")
-    resume: bool = opt(False, "continue the run in --out from checkpoints/latest.pt")
+    device: str = option("auto", "auto (CUDA when available), cpu, cuda or cuda:N", type=device_name)
+    seed: int = option(0, "random seed: weights, data order and augmentation all follow from it", type=int)
+    fast: bool = option(True, "on CUDA: bf16 autocast (norm statistics and losses in fp32), channels_last, "
+                              "fused Adam. Ignored on CPU")
+    compile: bool = option(False, "torch.compile the networks (slow start, see `bench`)")
+    workers: int = option(-1, "data-loading worker processes (0: load in the main process; -1: one fewer "
+                              "than the CPU cores, at most 4)", type=worker_count)
+    log_every: int = option(100, "a progress line and a log.csv row every N iterations (and a progress "
+                                 "line at least every 30 s)", type=positive_int)
+    sample_every: int = option(1000, "sample grids and the run page every N iterations", type=positive_int)
+    save_every: int = option(1000, "write checkpoints/latest.pt every N iterations", type=positive_int)
+    snapshot_every: int = option(100_000, "keep a copy checkpoints/iter_N.pt every N iterations",
+                                 type=positive_int)
+    n_samples: int = option(4, "test images per sample grid", type=positive_int)
+    tensorboard: bool = option(False, "also write TensorBoard event files to RUN/tensorboard (needs the "
+                                      "tensorboard package)")
+    resume: bool = option(False, "continue the run in --out from checkpoints/latest.pt")
+
+    def loss_weights(self) -> LossWeights:
+        """The weights of the objective (section 8.2), from the w_* fields."""
+        return LossWeights(**{term: getattr(self, "w_" + term) for term in LOSS_TERMS})
 
 
 # The fields that define the networks: a checkpoint only continues under the same values.
@@ -862,6 +965,11 @@ ARCHITECTURE_FIELDS = ("size", "ch", "n_res", "light", "attention", "p_gen", "p_
                        "mask_to_d")
 # Fields that are places on disk: stored resolved, so that --resume works from any folder.
 PATH_FIELDS = ("data", "a", "b", "out")
+PERCEPTUAL = ("w_style", "w_content", "w_selfreg")  # the weights of the terms measured by VGG19
+
+
+def needs_vgg(cfg: Config) -> bool:
+    return any(getattr(cfg, w) > 0 for w in PERCEPTUAL)
 
 PRESETS = {
     "magan": {},  # the defaults are MAGAN's
@@ -875,17 +983,6 @@ PRESETS = {
 BUNDLED = Path(__file__).resolve().parent / "data"  # the small dataset that comes with this file
 DEMO = dict(a=str(BUNDLED / "trainA"), b=str(BUNDLED / "trainB"), size=64, ch=16, n_res=2, vgg_weights="none",
             w_style=0.0, w_content=0.0, iters=3000, log_every=50, sample_every=250, save_every=500)
-
-
-PERCEPTUAL = ("w_style", "w_content", "w_selfreg")  # the weights of the terms measured by VGG19
-
-
-def needs_vgg(cfg: Config) -> bool:
-    return any(getattr(cfg, w) > 0 for w in PERCEPTUAL)
-
-
-def loss_weights(cfg: Config) -> dict[str, float]:
-    return {term: getattr(cfg, "w_" + term) for term in LOSS_TERMS}
 
 
 def make_config(given: dict) -> tuple[Config, str | None]:
@@ -917,7 +1014,8 @@ def make_config(given: dict) -> tuple[Config, str | None]:
 
 class MAGAN(nn.Module):
     """Two generators and, per domain, a global and a local discriminator: D_ga and D_la judge
-    domain A (real x_a against G_ba's fakes), D_gb and D_lb domain B.
+    domain A (real x_a against G_ba's fakes), D_gb and D_lb domain B. (MAGAN's Fig. 2 draws one D
+    per domain; it builds on U-GAT-IT, which keeps both scales, and so do we.)
     Initialisation: PyTorch's defaults (Kaiming-uniform), as U-GAT-IT's PyTorch code, rather than
     the N(0, 0.02) its text gives; spectral norm rescales every D weight anyway."""
 
@@ -932,6 +1030,7 @@ class MAGAN(nn.Module):
         self.G_ab, self.G_ba = G(), G()
         self.D_ga, self.D_gb = D(global_depth(cfg.size)), D(global_depth(cfg.size))  # global: down to S/32
         self.D_la, self.D_lb = D(3), D(3)                                            # local: down to S/8
+        self.mask_to_d = cfg.mask_to_d
 
     def generators(self):
         return [self.G_ab, self.G_ba]
@@ -959,7 +1058,127 @@ class MAGAN(nn.Module):
 # attention means something early. Consequence: the generator loss starts near 1e3 (the CAM BCE is
 # ~1.4 per direction at initialisation). That is expected, not divergence.
 
-LOSS_TERMS = ("adv", "cycle", "identity", "cam", "style", "content", "tv", "pixel", "selfreg")
+@dataclass(frozen=True)
+class LossWeights:
+    """The λ of every term of L_G (and λ_adv of L_D). 0 switches a term off: it is not even
+    computed. A weight may also be a 0-d tensor on the device (SAT's adaptive λ), which is on."""
+    adv: float
+    cycle: float
+    identity: float
+    cam: float
+    style: float
+    content: float
+    tv: float = 0.0       # AGGAN
+    pixel: float = 0.0    # AGGAN
+    selfreg: float = 0.0  # SAT
+
+    def on(self, term: str) -> bool:
+        w = getattr(self, term)
+        return torch.is_tensor(w) or w > 0
+
+
+def train_step(nets: MAGAN, vgg: VGGFeatures | None, opt_G, opt_D, x_a, x_b, w: LossWeights,
+               gan_loss: str = "lsgan", autocast=nullcontext(), sync=None) -> dict[str, torch.Tensor]:
+    """One iteration (U-GAT-IT appendix B.2): translate both ways, one D step on the detached fakes,
+    one G step, then clip every ρ. x_a, x_b: (B, 3, S, S) in [-1, 1]. Returns L_D, L_G and each
+    term as 0-d tensors (no .item(): the GPU is never made to wait). `sync` averages gradients
+    over processes (appendix A)."""
+    with autocast:
+        t = translate_both_ways(nets, x_a, x_b)
+    d_loss = d_step(nets, x_a, x_b, t, opt_D, w, gan_loss, autocast, sync)
+    g_loss, terms = g_step(nets, vgg, x_a, x_b, t, opt_G, w, gan_loss, autocast, sync)
+    for G in nets.generators():
+        clip_rho(G)
+    return {"D": d_loss, "G": g_loss, **terms._asdict()}
+
+
+def d_step(nets: MAGAN, x_a, x_b, t: Translations, opt_D, w: LossWeights, gan_loss: str = "lsgan",
+           autocast=nullcontext(), sync=None) -> torch.Tensor:
+    """MAGAN (8), L_D = −L_adv − L_cate^D: every D learns real -> 1 and fake -> 0, on its patch
+    logits (U-GAT-IT (2)) and on its class logits. MAGAN (7) prints the class-logit term as
+    L_cate^D = E||Γ_D(y) − Γ_D(G(x))||₂ (garbled in extraction); we read it as U-GAT-IT (6):
+        L_cam^D = E_{x∼X_t}[(η_D(x))²] + E_{x∼X_s}[(1 − η_D(G(x)))²]
+    with its code's targets, as for (2).
+    The fakes are detached: D's loss must not push gradient into the generators (that would train
+    them to help D), and the backward pass stops at D's input."""
+    for D in nets.discriminators():
+        D.requires_grad_(True)
+    l_adv = l_cam = 0
+    with autocast:
+        for D, real, fake, mask in judges(nets, x_a, x_b, t):
+            mask = None if mask is None else mask.detach()
+            out = D(torch.cat([discriminator_input(real, mask), discriminator_input(fake.detach(), mask)]))
+            patch_real, patch_fake = out.patch.chunk(2)      # real and fake in one pass: (B, 1, h−1, w−1) each
+            cls_real, cls_fake = out.logits.chunk(2)         # (B, n_angles) each
+            l_adv = l_adv + adversarial_loss(patch_real, True, gan_loss) + adversarial_loss(patch_fake, False,
+                                                                                            gan_loss)
+            l_cam = l_cam + adversarial_loss(cls_real, True, gan_loss) + adversarial_loss(cls_fake, False,
+                                                                                          gan_loss)
+    d_loss = w.adv * (l_adv + l_cam)                         # U-GAT-IT (2) + (6), summed over the 4 Ds
+    update(opt_D, d_loss, nets.discriminators(), sync)
+    return d_loss.detach()
+
+
+def g_step(nets: MAGAN, vgg, x_a, x_b, t: Translations, opt_G, w: LossWeights, gan_loss: str = "lsgan",
+           autocast=nullcontext(), sync=None) -> tuple[torch.Tensor, GeneratorTerms]:
+    """MAGAN (8), L_G = L_adv + L_style + L_rec + L_cate^G, with U-GAT-IT's cycle and identity terms,
+    weighted as U-GAT-IT (7) (and AGGAN's and SAT's terms when their weights are set). D is frozen:
+    the gradient flows through it into the fakes, but no D parameter gradient is computed.
+    Returns L_G and its terms, detached."""
+    for D in nets.discriminators():
+        D.requires_grad_(False)
+    with autocast:
+        l = generator_terms(nets, vgg, x_a, x_b, t, w, gan_loss)
+    # U-GAT-IT (7):  min_G max_D λ1 L_lsgan + λ2 L_cycle + λ3 L_identity + λ4 L_cam, λ = 1, 10, 10, 1000;
+    # MAGAN's style and content terms join the sum with their own weights, and so do the others.
+    g_loss = (w.adv * l.adv + w.cycle * l.cycle + w.identity * l.identity + w.cam * l.cam   # U-GAT-IT
+              + w.style * l.style + w.content * l.content                                  # MAGAN
+              + w.tv * l.tv + w.pixel * l.pixel + w.selfreg * l.selfreg)                   # AGGAN, SAT: off
+    update(opt_G, g_loss, nets.generators(), sync)
+    return g_loss.detach(), GeneratorTerms(*(term.detach() for term in l))
+
+
+class GeneratorTerms(NamedTuple):
+    """The terms of L_G, before their weights: 0-d tensors (0 where the term is off)."""
+    adv: torch.Tensor
+    cycle: torch.Tensor
+    identity: torch.Tensor
+    cam: torch.Tensor
+    style: torch.Tensor
+    content: torch.Tensor
+    tv: torch.Tensor
+    pixel: torch.Tensor
+    selfreg: torch.Tensor
+
+
+LOSS_TERMS = GeneratorTerms._fields
+
+
+def generator_terms(nets: MAGAN, vgg, x_a, x_b, t: Translations, w: LossWeights,
+                    gan_loss: str = "lsgan") -> GeneratorTerms:
+    """Every term of L_G for one batch, each summed over both directions; a term whose weight is
+    0 is not computed (it is 0). Runs under the caller's autocast."""
+    zero = x_a.new_zeros((), dtype=torch.float32)  # shared: a term is replaced, never updated in place
+    rec_a = nets.G_ba(t.fake_ab).image                         # G_ba(G_ab(x_a)): (B, 3, S, S)
+    rec_b = nets.G_ab(t.fake_ba).image                         # G_ab(G_ba(x_b))
+    l_adv = zero
+    for D, _, fake, mask in judges(nets, x_a, x_b, t):        # MAGAN (4), G's side: fakes should
+        out = D(discriminator_input(fake, mask))              # score "real", patch and class logits
+        l_adv = l_adv + adversarial_loss(out.patch, True, gan_loss) + adversarial_loss(out.logits, True, gan_loss)
+    # U-GAT-IT (3):  L_cycle = E_{x∼X_s}[|x − G_t→s(G_s→t(x))|₁]
+    l_cycle = F.l1_loss(rec_a, x_a) + F.l1_loss(rec_b, x_b)
+    # U-GAT-IT (4):  L_identity = E_{x∼X_t}[|x − G_s→t(x)|₁]
+    l_identity = F.l1_loss(t.same_b, x_b) + F.l1_loss(t.same_a, x_a)
+    l_cam = cam_loss(*t.cam_ab) + cam_loss(*t.cam_ba)          # U-GAT-IT (5), our reading of MAGAN (7)
+    perceptual = perceptual_terms(vgg, x_a, x_b, t, rec_a, rec_b, w) if vgg is not None else {}
+    l_style, l_content = perceptual.get("style", zero), perceptual.get("content", zero)   # MAGAN (5), (6)
+    # --- the other papers' terms, off by default (weight 0) ---
+    l_pixel = F.l1_loss(t.fake_ab, x_a) + F.l1_loss(t.fake_ba, x_b) if w.on("pixel") else zero  # AGGAN
+    l_tv = zero                                                 # AGGAN: smooth masks
+    if w.on("tv") and t.mask_ab is not None:
+        l_tv = total_variation(t.mask_ab) + total_variation(t.mask_ba)
+    l_selfreg = perceptual.get("selfreg", zero)                 # SAT
+    return GeneratorTerms(l_adv, l_cycle, l_identity, l_cam, l_style, l_content, l_tv, l_pixel, l_selfreg)
 
 
 class Translations(NamedTuple):
@@ -988,10 +1207,12 @@ def translate_both_ways(nets: MAGAN, x_a: torch.Tensor, x_b: torch.Tensor) -> Tr
 
 
 def judges(nets: MAGAN, x_a, x_b, t: Translations):
-    """(D, real images, fake images, their mask) for each discriminator: domain A's two Ds judge x_a
-    against G_ba's fakes, domain B's judge x_b against G_ab's."""
-    return ((nets.D_ga, x_a, t.fake_ba, t.mask_ba), (nets.D_la, x_a, t.fake_ba, t.mask_ba),
-            (nets.D_gb, x_b, t.fake_ab, t.mask_ab), (nets.D_lb, x_b, t.fake_ab, t.mask_ab))
+    """(D, real images, fake images, the fakes' mask for D or None) for each discriminator: domain
+    A's two Ds judge x_a against G_ba's fakes, domain B's judge x_b against G_ab's. The mask is
+    there only for AGGAN's attention-guided Ds (--mask-to-d)."""
+    mask_ba, mask_ab = (t.mask_ba, t.mask_ab) if nets.mask_to_d else (None, None)
+    return ((nets.D_ga, x_a, t.fake_ba, mask_ba), (nets.D_la, x_a, t.fake_ba, mask_ba),
+            (nets.D_gb, x_b, t.fake_ab, mask_ab), (nets.D_lb, x_b, t.fake_ab, mask_ab))
 
 
 def discriminator_input(image: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -1000,57 +1221,23 @@ def discriminator_input(image: torch.Tensor, mask: torch.Tensor | None) -> torch
     return image if mask is None else torch.cat([image, mask.to(image.dtype)], dim=1)  # (B, 4, S, S)
 
 
-def update(optimizer: torch.optim.Optimizer, loss: torch.Tensor, networks, sync=None):
-    """Backward, then (with several processes) average the gradients, then one optimizer step."""
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    if sync is not None:
-        sync(networks)
-    optimizer.step()
-
-
-def d_step(nets: MAGAN, x_a, x_b, t: Translations, opt_D, cfg: Config, autocast, sync=None) -> torch.Tensor:
-    """MAGAN (8), L_D = −L_adv − L_cate^D: every D learns real -> 1 and fake -> 0, on its patch
-    logits (U-GAT-IT (2)) and on its class logits. MAGAN (7) prints the class-logit term as
-    L_cate^D = E||Γ_D(y) − Γ_D(G(x))||₂ (garbled in extraction); we read it as U-GAT-IT (6):
-        L_cam^D = E_{x∼X_t}[(η_D(x))²] + E_{x∼X_s}[(1 − η_D(G(x)))²]
-    with its code's targets, as for (2).
-    The fakes are detached: D's loss must not push gradient into the generators (that would train
-    them to help D), and the backward pass stops at D's input."""
-    for D in nets.discriminators():
-        D.requires_grad_(True)
-    loss = 0
-    with autocast:
-        for D, real, fake, mask in judges(nets, x_a, x_b, t):
-            mask = mask.detach() if cfg.mask_to_d else None
-            both = torch.cat([discriminator_input(real, mask), discriminator_input(fake.detach(), mask)])
-            out = D(both)                                          # real and fake in one pass: (2B, ...)
-            patch_real, patch_fake = out.patch.chunk(2)            # (B, 1, h−1, w−1) each
-            cls_real, cls_fake = out.logits.chunk(2)               # (B, n_angles) each
-            loss = loss + (adversarial_loss(patch_real, True, cfg.gan_loss)        # U-GAT-IT (2)
-                           + adversarial_loss(patch_fake, False, cfg.gan_loss)
-                           + adversarial_loss(cls_real, True, cfg.gan_loss)         # U-GAT-IT (6)
-                           + adversarial_loss(cls_fake, False, cfg.gan_loss))
-    loss = cfg.w_adv * loss
-    update(opt_D, loss, nets.discriminators(), sync)
-    return loss.detach()
-
-
-def perceptual_terms(vgg: VGGFeatures, x_a, x_b, t: Translations, rec_a, rec_b, cfg: Config) -> dict:
-    """The terms measured in VGG19's features, each only when its weight is above 0."""
+def perceptual_terms(vgg: VGGFeatures, x_a, x_b, t: Translations, rec_a, rec_b, w: LossWeights) -> dict:
+    """The terms measured in VGG19's features, each only when its weight is on."""
+    if not (w.on("style") or w.on("content") or w.on("selfreg")):
+        return {}
     fake = vgg(torch.cat([t.fake_ab, t.fake_ba, rec_a, rec_b]))   # one pass with gradients: 4B images
     with torch.no_grad():
         real = vgg(torch.cat([x_a, x_b]))                         # their targets, no gradients: 2B
     fake_ab, fake_ba, phi_rec_a, phi_rec_b = split_features(fake, 4)  # a VGGOutput of B images each
     phi_a, phi_b = split_features(real, 2)
     terms = {}
-    if cfg.w_style > 0:    # MAGAN (5): a translation should have the target domain's Gram statistics
+    if w.on("style"):    # MAGAN (5): a translation should have the target domain's Gram statistics
         terms["style"] = (style_loss(fake_ab.relu4_4, phi_b.relu4_4)
                           + style_loss(fake_ba.relu4_4, phi_a.relu4_4))
-    if cfg.w_content > 0:  # MAGAN (6): the cycle should give the input's relu5_4 features back
+    if w.on("content"):  # MAGAN (6): the cycle should give the input's relu5_4 features back
         terms["content"] = (content_loss(phi_rec_a.relu5_4, phi_a.relu5_4)
                             + content_loss(phi_rec_b.relu5_4, phi_b.relu5_4))
-    if cfg.w_selfreg > 0:  # SAT: a translation should keep its input's low-level look
+    if w.on("selfreg"):  # SAT: a translation should keep its input's low-level look
         terms["selfreg"] = (self_regularisation(early_layers(fake_ab), early_layers(phi_a))
                             + self_regularisation(early_layers(fake_ba), early_layers(phi_b)))
     return terms
@@ -1065,67 +1252,104 @@ def early_layers(features: VGGOutput) -> tuple:
     return features.relu1_2, features.relu2_2, features.relu3_4
 
 
-def g_step(nets: MAGAN, vgg, x_a, x_b, t: Translations, opt_G, cfg: Config, autocast, weights: dict,
-           sync=None) -> dict:
-    """MAGAN (8), L_G = L_adv + L_style + L_rec + L_cate^G, with U-GAT-IT's cycle and identity terms,
-    weighted as U-GAT-IT (7) (and AGGAN's and SAT's terms when their weights are set). D is frozen:
-    the gradient flows through it into the fakes, but no D parameter gradient is computed."""
-    for D in nets.discriminators():
-        D.requires_grad_(False)
-    zero = x_a.new_zeros((), dtype=torch.float32)  # shared: a term is replaced, never updated in place
-    terms = dict.fromkeys(LOSS_TERMS, zero)
-    with autocast:
-        rec_a = nets.G_ba(t.fake_ab).image                        # G_ba(G_ab(x_a)): (B, 3, S, S)
-        rec_b = nets.G_ab(t.fake_ba).image                        # G_ab(G_ba(x_b))
-        for D, _, fake, mask in judges(nets, x_a, x_b, t):        # MAGAN (4), G's side: fakes should
-            out = D(discriminator_input(fake, mask if cfg.mask_to_d else None))  # score "real"
-            terms["adv"] = (terms["adv"] + adversarial_loss(out.patch, True, cfg.gan_loss)
-                            + adversarial_loss(out.logits, True, cfg.gan_loss))
-        # U-GAT-IT (3):  L_cycle = E_{x∼X_s}[|x − G_t→s(G_s→t(x))|₁]
-        terms["cycle"] = F.l1_loss(rec_a, x_a) + F.l1_loss(rec_b, x_b)
-        # U-GAT-IT (4):  L_identity = E_{x∼X_t}[|x − G_s→t(x)|₁]
-        terms["identity"] = F.l1_loss(t.same_b, x_b) + F.l1_loss(t.same_a, x_a)
-        terms["cam"] = cam_loss(*t.cam_ab) + cam_loss(*t.cam_ba)  # U-GAT-IT (5), our reading of MAGAN (7)
-        if cfg.w_pixel > 0:                                       # AGGAN: L_pixel = E[|G(x) − x|₁]
-            terms["pixel"] = F.l1_loss(t.fake_ab, x_a) + F.l1_loss(t.fake_ba, x_b)
-        if cfg.w_tv > 0 and t.mask_ab is not None:
-            terms["tv"] = total_variation(t.mask_ab) + total_variation(t.mask_ba)
-        if vgg is not None and needs_vgg(cfg):
-            terms.update(perceptual_terms(vgg, x_a, x_b, t, rec_a, rec_b, cfg))
-    # U-GAT-IT (7):  min_G max_D λ1 L_lsgan + λ2 L_cycle + λ3 L_identity + λ4 L_cam, λ = 1, 10, 10, 1000;
-    # MAGAN's style and content terms (and the optional ones) join the sum with their own weights.
-    g_loss = sum(weights[name] * terms[name] for name in LOSS_TERMS if getattr(cfg, "w_" + name) > 0)
-    update(opt_G, g_loss, nets.generators(), sync)
-    return {"G": g_loss.detach(), **{name: term.detach() for name, term in terms.items()}}
+def update(optimizer: torch.optim.Optimizer, loss: torch.Tensor, networks, sync=None):
+    """Backward, then (with several processes) average the gradients, then one optimizer step."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if sync is not None:
+        sync(networks)
+    optimizer.step()
 
 
-def train_step(nets: MAGAN, vgg: VGGFeatures | None, opt_G, opt_D, x_a, x_b, cfg: Config,
-               autocast=nullcontext(), sync=None, weights: dict | None = None) -> dict[str, torch.Tensor]:
-    """One iteration (U-GAT-IT appendix B.2): translate both ways, one D step on the detached fakes,
-    one G step, then clip every ρ. Returns L_D, L_G and each term as 0-d tensors (no .item(): the
-    GPU is never made to wait). `weights` overrides the config's loss weights (SAT's adaptive one)."""
-    with autocast:
-        t = translate_both_ways(nets, x_a, x_b)
-    d_loss = d_step(nets, x_a, x_b, t, opt_D, cfg, autocast, sync)
-    losses = g_step(nets, vgg, x_a, x_b, t, opt_G, cfg, autocast, weights or loss_weights(cfg), sync)
-    for G in nets.generators():
-        clip_rho(G)
-    return {"D": d_loss, **losses}
+# --- 8.3 The loop -------------------------------------------------------------------------------
+
+LOGGED = ("D", "G", *LOSS_TERMS)  # the one list behind the progress line, log.csv and the NaN check
+
+
+def train(cfg: Config, checkpoint: dict | None = None) -> Path:
+    """Train (or, with cfg.resume, continue) the run in cfg.out. Returns the run folder. Everything
+    that can fail on the user's input (folders, weights, checkpoint) fails before the first iteration."""
+    # --- set up: the run, the processes and device, the networks, a checkpoint, the data, the folder
+    cfg, checkpoint = check_run(cfg, checkpoint)                             # 8.6
+    data = UnpairedImages(cfg.a, cfg.b, cfg.size, cfg.seed)                 # 6: every image folder checked
+    procs = Processes()                                                      # appendix A: one, or torchrun's
+    device = pick_device(cfg.device, procs.local_rank)
+    procs.start(device)
+    say = print if procs.main else (lambda *args, **kwargs: None)           # rank 0 alone speaks and writes
+    nets, vgg, opt_G, opt_D, autocast, fast = build_networks(cfg, device, say)   # 8.5
+    selfreg = AdaptiveWeight(cfg.w_selfreg, cfg.selfreg_target, device) if cfg.selfreg_target > 0 else None
+    start = restore(checkpoint, nets, opt_G, opt_D, selfreg, cfg, procs, say) if checkpoint else 0  # 8.6
+    procs.broadcast(nets)                                                    # every rank starts equal
+    if cfg.compile:
+        for net in list(nets.children()) + ([vgg] if vgg is not None else []):
+            net.compile()  # in place: the state_dict keys stay the same
+    workers = loader_workers(cfg.workers, procs.local_world, say)
+    batches = training_batches(data, cfg.batch, start, cfg.iters, workers, procs.world, procs.rank,
+                               pin_memory=device.type == "cuda")             # the workers start here
+    run = RunFolder(cfg, start, procs, device, say)                          # 8.7: config.json, log.csv, ...
+    run.announce(fast, workers, data)
+    weights = cfg.loss_weights()
+    try:
+        with StopOnSignal() as stop:                                         # 8.8
+            for iteration, (x_a, x_b, skipped) in enumerate(batches, start + 1):
+                # 1. The learning rate. Iterations count from 1, as the progress line and log.csv
+                #    show them; the schedule counts the steps already taken, from 0.
+                lr = learning_rate(iteration - 1, cfg)
+                for group in opt_G.param_groups + opt_D.param_groups:
+                    group["lr"] = lr
+                # 2. One iteration: translate, a D step, a G step (8.2).
+                x_a, x_b = to_device(x_a, device, fast), to_device(x_b, device, fast)
+                w = selfreg.weights(weights) if selfreg else weights
+                losses = train_step(nets, vgg, opt_G, opt_D, x_a, x_b, w, cfg.gan_loss, autocast, procs.sync)
+                if selfreg:
+                    selfreg.update(procs.mean(losses["adv"]))
+                # 3. Watch it: a NaN stops the run before it reaches a checkpoint; then the progress
+                #    line, a log.csv row, the sample grids and the run page, each when due.
+                run.report_unreadable(skipped)
+                stacked = torch.stack([losses[k] for k in LOGGED])              # (len(LOGGED),)
+                run.check_finite(iteration, stacked)
+                run.report(iteration, lr, stacked)
+                if iteration % cfg.sample_every == 0 or iteration == cfg.iters:
+                    run.write_samples(iteration, nets)
+                # 4. Checkpoint, or stop on a signal (which may also have come while sampling).
+                stopping = procs.any(stop.requested is not None)
+                if run.save_due(iteration) or stopping:
+                    run.save(iteration, nets, opt_G, opt_D, selfreg, stopping, stop.requested)
+                if stopping:
+                    run.say(f"stopped at iteration {iteration}; saved {run.latest}.\n"
+                            f"continue with: python magan.py train --out {run.folder} --resume")
+                    return run.folder
+    finally:
+        run.close()
+        procs.finish()
+    run.say(f"done: {cfg.iters} iterations; checkpoint {run.latest}")
+    return run.folder
+
+
+# --- 8.4 Schedules: the learning rate, and SAT's adaptive weight -------------------------------
+
+def learning_rate(step: int, cfg: Config) -> float:
+    """Constant for the first half, then linear decay to 0 (U-GAT-IT appendix B.2), computed from
+    the number of steps taken, not by repeated subtraction, so a resumed run gets the same rate."""
+    half = cfg.iters // 2
+    if step < half:
+        return cfg.lr
+    return cfg.lr * (cfg.iters - step) / (cfg.iters - half)
 
 
 class AdaptiveWeight:
     """SAT's adaptive weight induction (§3.2): the self-regularisation weight λ starts at 0 and
-    rises (by a thousandth of --w-selfreg per iteration) while the generators' adversarial loss
-    stays below --selfreg-target; from the first iteration it passes the target, λ is held. The
+    rises (by a thousandth of its maximum per iteration) while the generators' adversarial loss
+    stays below `target`; from the first iteration it passes the target, λ is held. The
     adversarial loss is smoothed (exponential average over ~100 iterations), and everything stays
     on the device: no iteration waits for the GPU to report it."""
 
-    def __init__(self, cfg: Config, device: torch.device):
-        self.maximum, self.target = cfg.w_selfreg, cfg.selfreg_target
+    def __init__(self, maximum: float, target: float, device: torch.device):
+        self.maximum, self.target = maximum, target
         self.state = torch.tensor([0.0, 0.0, 0.0], device=device)  # λ, smoothed L_adv, held (0 or 1)
 
-    def weights(self, cfg: Config) -> dict:
-        return {**loss_weights(cfg), "selfreg": self.state[0]}
+    def weights(self, w: LossWeights) -> LossWeights:
+        return dataclasses.replace(w, selfreg=self.state[0])
 
     def update(self, adv_loss: torch.Tensor):
         lam, smooth, held = self.state
@@ -1135,46 +1359,34 @@ class AdaptiveWeight:
         self.state = torch.stack([lam, smooth, held])
 
 
-# --- 8.3 Pretrained weights: VGG19 for the perceptual losses ------------------------------------
+# --- 8.5 Networks, optimizers and devices -------------------------------------------------------
 
-VGG19_URL = "https://download.pytorch.org/models/vgg19-dcbb9e9d.pth"  # torchvision's IMAGENET1K_V1
-
-VGG_HELP = """The style and content losses (MAGAN eq. 5-6) need VGG19 ImageNet weights, and they could
-not be loaded ({reason}). Fixes:
-  * with internet, run once: torchvision downloads them to {cache}
-    (or copy vgg19-dcbb9e9d.pth from another machine into that folder)
-  * --vgg-weights PATH    a torchvision VGG19 state dict (vgg19-dcbb9e9d.pth) you copied here
-  * --vgg-weights none    train without the perceptual losses (U-GAT-IT's objective)
-  * --vgg-weights random  random VGG features: offline smoke runs only, NOT the paper"""
-
-
-def fetch_state_dict(url: str, path: str | None = None) -> dict:
-    """A state dict from a local file, or else from `url` through the torch cache (downloaded once).
-    Loaded with weights_only=True: a weights file is untrusted input."""
-    if path:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    return torch.hub.load_state_dict_from_url(url, map_location="cpu", weights_only=True)
+def build_networks(cfg: Config, device: torch.device, say=print):
+    """The six networks (seeded: their initial weights follow --seed), the VGG of the perceptual
+    losses when a weight needs it, and both optimizers, placed on the device. Returns (nets, vgg,
+    opt_G, opt_D, the step's autocast context, whether the fast path is on)."""
+    torch.manual_seed(cfg.seed)  # the networks' initial weights (and a random VGG's)
+    vgg = None
+    if needs_vgg(cfg):
+        say("loading VGG19 for the perceptual losses ...", flush=True)
+        vgg = load_vgg(cfg.vgg_weights)
+    say(f"building the networks ({'light' if cfg.light else 'full'} mode, {cfg.size} px) ...", flush=True)
+    fast = cfg.fast and device.type == "cuda"
+    nets, vgg, autocast = place_networks(MAGAN(cfg), vgg, device, fast)
+    opt_G, opt_D = make_optimizers(nets, cfg, fast)
+    return nets, vgg, opt_G, opt_D, autocast, fast
 
 
-def load_vgg(spec: str) -> VGGFeatures | None:
-    """`spec`: imagenet | PATH | none | random (see the --vgg-weights help)."""
-    if spec == "none":
-        return None
-    features = vgg19_features()
-    if spec == "random":
-        return VGGFeatures(features)
-    try:
-        state = fetch_state_dict(VGG19_URL, None if spec == "imagenet" else spec)
-        if any(k.startswith("features.") for k in state):  # a whole torchvision VGG19
-            state = {k[len("features."):]: v for k, v in state.items() if k.startswith("features.")}
-        features.load_state_dict(state)
-    except Exception as e:
-        cache = Path(torch.hub.get_dir()) / "checkpoints"
-        raise MaganError(VGG_HELP.format(reason=first_line(e), cache=cache)) from None
-    return VGGFeatures(features)
+def make_optimizers(nets: MAGAN, cfg: Config, fast: bool = False):
+    """Adam(lr, betas = (0.5, 0.999), weight decay 1e-4) for the two generators and for the four
+    Ds (U-GAT-IT appendix B.2). On the fast path the fused kernel updates all parameters in a few
+    launches instead of several per tensor."""
+    def adam(networks):
+        params = [p for net in networks for p in net.parameters()]
+        return torch.optim.Adam(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                                weight_decay=cfg.weight_decay, fused=fast or None)
+    return adam(nets.generators()), adam(nets.discriminators())
 
-
-# --- 8.4 Devices and speed ----------------------------------------------------------------------
 
 def pick_device(name: str, local_rank: int = 0) -> torch.device:
     """auto: CUDA when available (GPU `local_rank`, one per process under torchrun), else CPU."""
@@ -1208,50 +1420,117 @@ def place_networks(nets: nn.Module, vgg: VGGFeatures | None, device: torch.devic
     return nets, vgg, torch.autocast(device.type, dtype=torch.bfloat16)
 
 
-def make_optimizers(nets: MAGAN, cfg: Config, fast: bool):
-    """Adam(lr, betas = (0.5, 0.999), weight decay 1e-4) for the two generators and for the four
-    Ds (U-GAT-IT appendix B.2). On the fast path the fused kernel updates all parameters in a few
-    launches instead of several per tensor."""
-    def adam(networks):
-        params = [p for net in networks for p in net.parameters()]
-        return torch.optim.Adam(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-                                weight_decay=cfg.weight_decay, fused=fast or None)
-    return adam(nets.generators()), adam(nets.discriminators())
-
-
 def to_device(x: torch.Tensor, device: torch.device, fast: bool) -> torch.Tensor:
     x = x.to(device, non_blocking=True)  # non_blocking: the copy from pinned memory overlaps compute
     return x.contiguous(memory_format=torch.channels_last) if fast else x
 
 
-def learning_rate(iteration: int, cfg: Config) -> float:
-    """Constant for the first half, then linear decay to 0 (U-GAT-IT appendix B.2), computed from
-    the iteration number, not by repeated subtraction, so a resumed run gets exactly the same rate."""
-    half = cfg.iters // 2
-    if iteration < half:
-        return cfg.lr
-    return cfg.lr * (cfg.iters - iteration) / (cfg.iters - half)
+def loader_workers(workers: int, processes_per_machine: int, say=print) -> int:
+    """--workers, resolved (-1: automatic); more than the cores is said once, in our words."""
+    workers = resolve_workers(workers, processes_per_machine)
+    if workers > available_cores():
+        say(f"note: {workers} data workers on {available_cores()} CPU core(s): more workers than cores "
+            f"only adds switching (--workers -1 picks for you)", flush=True)
+    return workers
 
 
-def available_cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+VGG19_URL = "https://download.pytorch.org/models/vgg19-dcbb9e9d.pth"  # torchvision's IMAGENET1K_V1
+
+VGG_HELP = """The style and content losses (MAGAN eq. 5-6) need VGG19 ImageNet weights, and they could
+not be loaded ({reason}). Fixes:
+  * with internet, run once: torchvision downloads them to {cache}
+    (or copy vgg19-dcbb9e9d.pth from another machine into that folder)
+  * --vgg-weights PATH    a torchvision VGG19 state dict (vgg19-dcbb9e9d.pth) you copied here
+  * --vgg-weights none    train without the perceptual losses (U-GAT-IT's objective)
+  * --vgg-weights random  random VGG features: offline smoke runs only, NOT the paper"""
 
 
-def resolve_workers(workers: int, processes_per_machine: int = 1) -> int:
-    """-1 (auto): one data worker fewer than this process's share of the CPU cores, at most 4. More
-    workers than cores only adds switching (and PyTorch warns about it)."""
-    if workers >= 0:
-        return workers
-    return max(0, min(4, available_cores() // processes_per_machine - 1))
+def load_vgg(spec: str) -> VGGFeatures | None:
+    """`spec`: imagenet | PATH | none | random (see the --vgg-weights help)."""
+    if spec == "none":
+        return None
+    features = vgg19_features()
+    if spec == "random":
+        return VGGFeatures(features)
+    try:
+        state = fetch_state_dict(VGG19_URL, None if spec == "imagenet" else spec)
+        if any(k.startswith("features.") for k in state):  # a whole torchvision VGG19
+            state = {k[len("features."):]: v for k, v in state.items() if k.startswith("features.")}
+        features.load_state_dict(state)
+    except Exception as e:
+        cache = Path(torch.hub.get_dir()) / "checkpoints"
+        raise MaganError(VGG_HELP.format(reason=first_line(e), cache=cache)) from None
+    return VGGFeatures(features)
 
 
-# --- 8.5 Checkpoints ----------------------------------------------------------------------------
+def fetch_state_dict(url: str, path: str | None = None) -> dict:
+    """A state dict from a local file, or else from `url` through the torch cache (downloaded once).
+    Loaded with weights_only=True: a weights file is untrusted input."""
+    if path:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    return torch.hub.load_state_dict_from_url(url, map_location="cpu", weights_only=True)
+
+
+# --- 8.6 Checkpoints: check the run, restore, save ----------------------------------------------
 
 CHECKPOINT_FORMAT = "magan-checkpoint-v2"
 EXPORT_FORMAT = "magan-generators-v1"          # generators and config only: `magan.py export`
 OLD_FORMATS = {"magan-checkpoint-v1": "an earlier magan.py, whose discriminators and SAM differ: train "
                                       "a new run (or use that version of magan.py)"}
 KERNEL_FLAGS = ("fused", "foreach", "capturable", "differentiable")  # how Adam runs, not what it knows
+
+
+def check_run(cfg: Config, checkpoint: dict | None) -> tuple[Config, dict | None]:
+    """Everything about the run folder and the config that can be wrong, before anything slow.
+    Paths are stored resolved, so that --resume works from any folder."""
+    resolved = {k: str(Path(getattr(cfg, k)).resolve()) for k in PATH_FIELDS if getattr(cfg, k)}
+    if cfg.vgg_weights == "none":  # no VGG, no perceptual terms: the saved config says so
+        resolved.update(dict.fromkeys(PERCEPTUAL, 0.0))
+    cfg = dataclasses.replace(cfg, **resolved)
+    latest = Path(cfg.out) / "checkpoints" / "latest.pt"
+    if cfg.resume:
+        checkpoint = checkpoint or load_checkpoint(latest)
+        check_architecture(cfg, checkpoint["config"])
+        if checkpoint["iteration"] >= cfg.iters:
+            raise MaganError(f"the checkpoint is already at iteration {checkpoint['iteration']} and --iters "
+                             f"is {cfg.iters}: pass a larger --iters to train further")
+    elif latest.exists():
+        raise MaganError(f"{cfg.out} already holds a run: pass --resume to continue it, or choose "
+                         f"another --out")
+    if not any(w > 0 for w in dataclasses.astuple(cfg.loss_weights())):
+        raise MaganError("every loss weight is 0: the generators would have nothing to learn")
+    needs = [("--mask-to-d", cfg.mask_to_d, "--mask-fusion", cfg.mask_fusion),
+             ("--w-tv", cfg.w_tv > 0, "--mask-fusion", cfg.mask_fusion),
+             ("--selfreg-target", cfg.selfreg_target > 0, "--w-selfreg", cfg.w_selfreg > 0)]
+    for option_name, given, needed, present in needs:
+        if given and not present:
+            raise MaganError(f"{option_name} needs {needed}")
+    return cfg, checkpoint
+
+
+def restore(ckpt: dict, nets: MAGAN, opt_G, opt_D, selfreg, cfg: Config, procs, say=print) -> int:
+    """Continue from a checkpoint: weights, optimizer moments, the random state, SAT's weight.
+    Returns the iteration it was saved at."""
+    load_networks(dict(nets.named_children()), ckpt)
+    load_optimizer_state(opt_G, ckpt["opt_G"])
+    load_optimizer_state(opt_D, ckpt["opt_D"])
+    torch.set_rng_state(ckpt["torch_rng"])
+    start = ckpt["iteration"]
+    if selfreg is not None and ckpt.get("selfreg") is not None:
+        selfreg.state = ckpt["selfreg"].to(selfreg.state.device)
+    say(f"resuming {cfg.out} from iteration {start}", flush=True)
+    before = ckpt["config"]["iters"]
+    if before != cfg.iters:
+        old, new = learning_rate(start, config_from_checkpoint(ckpt)), learning_rate(start, cfg)
+        say(f"note: --iters changes from {before} to {cfg.iters}, and so does the learning-rate schedule: "
+            f"the rate at iteration {start} is now {new:.3g} (it was {old:.3g}); it stays constant to "
+            f"iteration {cfg.iters // 2} and then decays linearly to 0", flush=True)
+    processes = ckpt.get("processes", 1)
+    if processes != procs.world:
+        say(f"note: this checkpoint was trained by {processes} process(es) and continues with "
+            f"{procs.world}: from here on each iteration reads other samples than the original run "
+            f"would have (the global batch is now {procs.world} × {cfg.batch})", flush=True)
+    return start
 
 
 def write_atomically(path: Path, write):
@@ -1381,139 +1660,131 @@ def export_generators(ckpt_path: str | Path, out: str | Path) -> Path:
     return out
 
 
-# --- 8.6 Several GPUs: data parallel under torchrun ----------------------------------------------
-# torchrun --nproc_per_node N magan.py train ... starts N copies of this script and tells each its
-# RANK (0..N−1), LOCAL_RANK (its GPU on this machine) and WORLD_SIZE (N) in environment variables.
-# Each process trains on its own --batch images per iteration, so the global batch is N × batch:
-# iteration k on rank r reads samples (k·N + r)·B ... (k·N + r)·B + B − 1, a pure function of
-# (seed, k, r). One process with batch N·B reads the same samples in the same iteration.
-#
-# Why an explicit all-reduce rather than DistributedDataParallel: DDP assumes one forward and one
-# backward per step, with every parameter receiving a gradient. A GAN step breaks both: each
-# generator runs twice before its backward (translation, then cycle), and D is frozen during the G
-# step, so a wrapped D would wait for gradients that never come. Averaging the gradients after each
-# backward (one all-reduce per network) is short and keeps the algorithm above unchanged; what it
-# gives up is DDP's overlap of communication with the backward pass.
-#
-# Buffers: spectral norm's power-iteration vectors u, v are buffers updated by every forward. They
-# stay equal on all ranks without any communication, because every rank starts from the same
-# weights and vectors (broadcast from rank 0 at the start) and applies the same averaged updates,
-# so every rank computes the same power iteration. At each checkpoint this is verified (a checksum
-# over all parameters and buffers); a difference is reported and repaired from rank 0.
+# --- 8.7 What the user sees: the run folder, progress, log, sample grids ------------------------
 
-class Processes:
-    """The processes of one run. Alone (plain `python magan.py train`) there is one and every method
-    is a no-op; under torchrun they communicate over NCCL (CUDA) or gloo (CPU)."""
+LOG_COLUMNS = ["iteration", "elapsed_s", "it_per_s", "lr", *LOGGED]
 
-    def __init__(self):
-        self.world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = int(os.environ.get("RANK", "0"))
-        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        self.local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(self.world)))
-        self.main = self.rank == 0   # rank 0 alone writes the log, the samples and the checkpoints
-        self.control = None
 
-    def start(self, device: torch.device):
-        if self.world == 1 or dist.is_initialized():
+class RunFolder:
+    """The run folder and the terminal: config.json, log.csv, the progress line, the sample grids,
+    the run page (appendix B) and the checkpoints. Only the main process writes; every process
+    takes part in the checks that need all of them (a NaN anywhere, the averaged log values)."""
+
+    def __init__(self, cfg: Config, start: int, procs, device: torch.device, say=print):
+        self.cfg, self.start, self.procs, self.device, self.say = cfg, start, procs, device, say
+        self.folder = Path(cfg.out)
+        self.latest = self.folder / "checkpoints" / "latest.pt"
+        self.last_saved = start if start else None   # the iteration in latest.pt, once there is one
+        self.progress = Progress(cfg, start, say)
+        self.nonfinite, self.reported = None, set()
+        self.log_file = self.log = self.tensorboard = None
+        self.samples = {d: fixed_images(sample_folder(folder), cfg.n_samples, cfg.size).to(device)
+                        for d, folder in (("a2b", cfg.a), ("b2a", cfg.b))}
+        if not procs.main:
             return
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        # Host-side decisions (stop now?) go over gloo on the CPU: they never wait for the GPU.
-        self.control = dist.new_group(backend="gloo") if device.type == "cuda" else dist.group.WORLD
+        self.folder.mkdir(parents=True, exist_ok=True)
+        config = json.dumps(dataclasses.asdict(cfg), indent=2) + "\n"
+        write_atomically(self.folder / "config.json", lambda f: f.write(config.encode()))
+        self.log_file, self.log = open_log(self.folder / "log.csv", start)
+        self.tensorboard = open_tensorboard(self.folder) if cfg.tensorboard else None
 
-    def average_gradients(self, networks):
-        """One all-reduce per network over its flattened gradients, then divide by the world size."""
-        for net in networks:
-            grads = [p.grad for p in net.parameters() if p.grad is not None]
-            flat = torch.cat([g.reshape(-1) for g in grads])              # (n_parameters,)
-            dist.all_reduce(flat)
-            flat /= self.world
-            for g, chunk in zip(grads, flat.split([g.numel() for g in grads])):
-                g.copy_(chunk.view_as(g))
+    def announce(self, fast: bool, workers: int, data: UnpairedImages):
+        cfg, procs = self.cfg, self.procs
+        path = "bf16 fast path" if fast else "fp32"
+        where = f"{procs.world} processes on {self.device.type}" if procs.world > 1 else str(self.device)
+        self.say(f"training {cfg.iters} iterations on {where} ({path}), {workers} data worker(s); "
+                 f"{len(data.files[0])} + {len(data.files[1])} images; run folder {self.folder}\n"
+                 f"(the G loss starts near 1e3 because the CAM term is weighted {cfg.w_cam:g}; see it all in "
+                 f"{self.folder / 'index.html'})", flush=True)
+        if self.device.type == "cpu" and cfg.size >= 128:
+            self.say("note: on a CPU an iteration at this size takes many seconds; `python magan.py train` "
+                     "with no data flags runs a small demo instead", flush=True)
 
-    @property
-    def sync(self):
-        return self.average_gradients if self.world > 1 else None
+    def report_unreadable(self, skipped: list[str]):
+        for name in set(skipped) - self.reported:
+            (self.say if self.procs.main else print)(f"skipping unreadable image {name}")
+            self.reported.add(name)
 
-    def any(self, flag: bool) -> bool:
-        """True on every rank if it is true on any (a stop signal may reach one process only)."""
-        if self.world == 1:
-            return bool(flag)
-        t = torch.tensor([float(bool(flag))])
-        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.control)
-        return bool(t.item())
-
-    def maximum(self, t: torch.Tensor) -> torch.Tensor:
-        if self.world > 1:
-            t = t.clone()
-            dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return t
-
-    def mean(self, t: torch.Tensor) -> torch.Tensor:
-        if self.world > 1:
-            t = t.clone()
-            dist.all_reduce(t)
-            t /= self.world
-        return t
-
-    def broadcast(self, module: nn.Module):
-        """Rank 0's parameters and buffers to every rank."""
-        if self.world > 1:
-            for tensor in module.state_dict().values():
-                dist.broadcast(tensor, 0)
-
-    def check_in_sync(self, module: nn.Module):
-        if self.world == 1:
+    def check_finite(self, iteration: int, stacked: torch.Tensor):
+        """Stop on a NaN or infinite loss, naming the term, before it reaches a checkpoint. The
+        check is noted on the device and read back only when we log or save (on a CPU reading is
+        free, so every iteration): the GPU never waits for it."""
+        bad = ~torch.isfinite(stacked)
+        self.nonfinite = bad if self.nonfinite is None else self.nonfinite | bad
+        if not (self.device.type == "cpu" or self.log_due(iteration) or self.save_due(iteration)):
             return
-        total = sum(t.double().sum() for t in module.state_dict().values() if t.is_floating_point())
-        spread = self.maximum(total.reshape(1)) - (-self.maximum(-total.reshape(1)))
-        if spread.item() != 0:
-            if self.main:
-                print("warning: the processes' weights drifted apart; continuing from rank 0's", flush=True)
-            self.broadcast(module)
+        nonfinite = self.procs.maximum(self.nonfinite.float()) > 0
+        if not nonfinite.any():
+            return
+        names = [name for name, bad in zip(LOGGED, nonfinite.tolist()) if bad]
+        if self.last_saved is None:
+            kept, then = "no checkpoint had been saved yet", "."
+        else:
+            kept = f"{self.latest} still holds the last good state (iteration {self.last_saved})"
+            then = ", then --resume."
+        when = "" if self.device.type == "cpu" else " or shortly before"
+        raise MaganError(f"loss term(s) {', '.join(names)} became non-finite (NaN or inf) at iteration "
+                         f"{iteration}{when}. {kept}. Try a lower --lr, --no-fast, or a smaller weight for "
+                         f"that term{then}")
 
-    def finish(self):
-        if self.world > 1 and dist.is_initialized():
-            dist.destroy_process_group()
+    def log_due(self, iteration: int) -> bool:
+        return iteration % self.cfg.log_every == 0 or iteration == self.cfg.iters
 
+    def save_due(self, iteration: int) -> bool:
+        cfg = self.cfg
+        return iteration % cfg.save_every == 0 or iteration % cfg.snapshot_every == 0 or iteration == cfg.iters
 
-class IterationSamples(torch.utils.data.Sampler):
-    """The sample indices this process reads, iteration after iteration (see above)."""
+    def report(self, iteration: int, lr: float, stacked: torch.Tensor):
+        """The progress line (when due) and, every --log-every iterations, a log.csv row of the
+        losses (`stacked`, in the order of LOGGED) averaged over the processes."""
+        logged = self.log_due(iteration)
+        if not (logged or (self.procs.main and self.progress.due(iteration))):
+            return
+        if logged:
+            stacked = self.procs.mean(stacked)  # every process takes part, at the same iterations
+        values = dict(zip(LOGGED, stacked.tolist()))  # the only GPU sync of the iteration
+        speed = self.progress.report(iteration, lr, values)
+        if logged and self.procs.main:
+            self.log.writerow([iteration, round(time.time() - self.progress.began, 2), round(speed, 4), lr]
+                              + [values[k] for k in LOGGED])
+            self.log_file.flush()
+            if self.tensorboard is not None:
+                for name, value in values.items():
+                    self.tensorboard.add_scalar(f"loss/{name}", value, iteration)
 
-    def __init__(self, start: int, iters: int, batch: int, processes: Processes):
-        self.start, self.iters, self.batch = start, iters, batch
-        self.world, self.rank = processes.world, processes.rank
+    def write_samples(self, iteration: int, nets: MAGAN):
+        """Sample grids of both directions, and the run page that shows them."""
+        if not self.procs.main:
+            return
+        columns = len(grid_columns(self.cfg.mask_fusion))
+        for direction, G_fwd, G_bwd in (("a2b", nets.G_ab, nets.G_ba), ("b2a", nets.G_ba, nets.G_ab)):
+            grid = sample_grid(G_fwd, G_bwd, self.samples[direction])
+            save_image_grid(grid, self.folder / "samples" / f"{direction}_{iteration:07d}.png", ncol=columns)
+            if self.tensorboard is not None:
+                images = grid.float().add(1).div(2).clamp(0, 1)  # [-1, 1] -> [0, 1]
+                self.tensorboard.add_images(f"samples/{direction}", images, iteration)
+        write_run_page(self.folder, self.cfg, iteration, self.progress.speed, self.progress.eta(iteration))
+        if iteration == self.start + self.cfg.sample_every or iteration == self.cfg.iters:
+            self.say(f"sample grids in {self.folder / 'samples'}; the run page: {self.folder / 'index.html'}")
 
-    def __iter__(self):
-        for k in range(self.start, self.iters):
-            first = (k * self.world + self.rank) * self.batch
-            yield from range(first, first + self.batch)
+    def save(self, iteration: int, nets: MAGAN, opt_G, opt_D, selfreg, stopping: bool, signal_name):
+        self.procs.check_in_sync(nets)
+        if stopping:
+            self.say(f"{signal_name or 'a stop signal (to another process)'} received: saving iteration "
+                     f"{iteration} (press Ctrl-C again to abort without saving)")
+        if self.procs.main:
+            extra = dict(processes=self.procs.world, selfreg=selfreg.state.cpu() if selfreg else None)
+            save_checkpoint(self.latest, nets, opt_G, opt_D, iteration, self.cfg, **extra)
+            if iteration % self.cfg.snapshot_every == 0:
+                save_checkpoint(self.folder / "checkpoints" / f"iter_{iteration:07d}.pt", nets, opt_G, opt_D,
+                                iteration, self.cfg, **extra)
+        self.last_saved = iteration
 
-    def __len__(self):
-        return (self.iters - self.start) * self.batch
-
-
-# --- 8.7 What the user sees: progress, log, sample grids, the run page --------------------------
-
-class StopOnSignal:
-    """Ctrl-C (SIGINT) or SIGTERM asks the loop to stop after the current iteration and save. A
-    second Ctrl-C aborts at once (the last checkpoint is still intact). Repeated SIGTERMs are one
-    request: SLURM signals every process, and torchrun forwards the signal it gets to its workers."""
-
-    def __enter__(self):
-        self.requested = None  # the name of the first signal received
-        self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
-        return self
-
-    def _handle(self, signum, frame):
-        # No print here: a signal that lands while the loop is printing would make print re-enter
-        # itself ("reentrant call") and crash. The loop announces the stop when it sees the flag.
-        if self.requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.requested = self.requested or signal.Signals(signum).name
-
-    def __exit__(self, *exc):
-        for s, handler in self.previous.items():
-            signal.signal(s, handler)
+    def close(self):
+        if self.log_file is not None:
+            self.log_file.close()
+        if self.tensorboard is not None:
+            self.tensorboard.close()
 
 
 def format_seconds(seconds: float) -> str:
@@ -1522,21 +1793,16 @@ def format_seconds(seconds: float) -> str:
     return f"{d}d{h:02d}h{m:02d}m" if d else f"{h}h{m:02d}m{s:02d}s"
 
 
-LOG_COLUMNS = ["iteration", "elapsed_s", "it_per_s", "lr", "D", "G", *LOSS_TERMS]
-
-
 class Progress:
     """Progress lines: after the first iteration (with how long it took), then every --log-every
-    iterations or every 30 seconds, whichever comes first, each with speed and ETA. On a terminal
-    one line is rewritten in place; in a file (SLURM, nohup) each is a new plain line."""
+    iterations or every 30 seconds, whichever comes first, each with speed and ETA."""
 
     SECONDS = 30
 
-    def __init__(self, cfg: Config, start: int, show: bool):
-        self.cfg, self.start, self.show = cfg, start, show
-        self.tty = sys.stdout.isatty()
+    def __init__(self, cfg: Config, start: int, say=print):
+        self.cfg, self.start, self.say = cfg, start, say
         self.began = self.last_time = time.time()
-        self.last_iteration, self.speed, self.in_place = start, 0.0, False
+        self.last_iteration, self.speed = start, 0.0
 
     def due(self, iteration: int) -> bool:
         return (iteration == self.start + 1 or iteration % self.cfg.log_every == 0
@@ -1550,24 +1816,13 @@ class Progress:
         now = time.time()
         self.speed = (iteration - self.last_iteration) / max(now - self.last_time, 1e-9)
         self.last_time, self.last_iteration = now, iteration
-        weights = loss_weights(self.cfg)
-        terms = "  ".join(f"{k} {values[k]:.4g}" for k in LOSS_TERMS if weights[k] > 0)
+        weights = self.cfg.loss_weights()
+        terms = "  ".join(f"{k} {values[k]:.4g}" for k in LOSS_TERMS if weights.on(k))
         first = f" (first iteration: {1 / self.speed:.1f} s)" if iteration == self.start + 1 else ""
-        line = (f"[{iteration:>{len(str(self.cfg.iters))}}/{self.cfg.iters}] {self.speed:6.2f} it/s  "
-                f"ETA {self.eta(iteration)}  lr {lr:.2e}  D {values['D']:.4g}  G {values['G']:.4g} = "
-                f"{terms}{first}")
-        if self.show and self.tty:
-            print("\r" + line + "\x1b[K", end="", flush=True)
-            self.in_place = True
-        elif self.show:
-            print(line, flush=True)
+        self.say(f"[{iteration:>{len(str(self.cfg.iters))}}/{self.cfg.iters}] {self.speed:6.2f} it/s  "
+                 f"ETA {self.eta(iteration)}  lr {lr:.2e}  D {values['D']:.4g}  G {values['G']:.4g} = "
+                 f"{terms}{first}", flush=True)
         return self.speed
-
-    def say(self, text: str):
-        """A message of its own line (the in-place progress line, if any, is kept above it)."""
-        if self.show:
-            print(("\n" if self.in_place else "") + text, flush=True)
-            self.in_place = False
 
 
 def open_log(path: Path, start: int):
@@ -1629,331 +1884,28 @@ def save_image_grid(images: torch.Tensor, path: Path, ncol: int):
     to_pil(grid).save(path)
 
 
-def svg_chart(name: str, points: list[tuple[int, float]], width: int = 300, height: int = 120) -> str:
-    """An inline SVG line chart of (iteration, value) points, with the range printed beside it."""
-    if not points:
-        return f'<p class="empty" data-term="{name}">{name}: no rows in log.csv yet</p>'
-    xs, ys = [p[0] for p in points], [p[1] for p in points]
-    x0, x1 = min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1
-    y0, y1 = min(ys), max(ys) if max(ys) > min(ys) else min(ys) + 1
-    def at(x, y):  # data -> pixel coordinates, 5 px from the edges, y growing downwards
-        px = 5 + (x - x0) / (x1 - x0) * (width - 10)
-        py = height - 5 - (y - y0) / (y1 - y0) * (height - 10)
-        return f"{px:.1f},{py:.1f}"
-    coords = " ".join(at(x, y) for x, y in points)
-    return (f'<figure><svg width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img">'
-            f'<rect width="{width}" height="{height}" fill="#fafafa" stroke="#ccc"/>'
-            f'<polyline data-term="{name}" fill="none" stroke="#c33" stroke-width="1.5" '
-            f'points="{coords}"/></svg>'
-            f'<figcaption><b>{name}</b> {ys[-1]:.4g} (range {min(ys):.4g} to {max(ys):.4g}, '
-            f'iterations {xs[0]} to {xs[-1]})</figcaption></figure>')
+# --- 8.8 Signals: stop cleanly, saving first ----------------------------------------------------
 
+class StopOnSignal:
+    """Ctrl-C (SIGINT) or SIGTERM asks the loop to stop after the current iteration and save. A
+    second Ctrl-C aborts at once (the last checkpoint is still intact). Repeated SIGTERMs are one
+    request: SLURM signals every process, and torchrun forwards the signal it gets to its workers."""
 
-def write_run_page(run: Path, cfg: Config, iteration: int, speed: float, eta: str):
-    """RUN/index.html: the config, where the run is, the latest sample grids and a chart of every
-    loss term from log.csv. A static page that any browser opens: no server, nothing to install.
-    It reloads itself every minute while open."""
-    with open(run / "log.csv", newline="") as f:
-        rows = list(csv.DictReader(f))
-    weights = loss_weights(cfg)
-    series = ["D", "G"] + [t for t in LOSS_TERMS if weights[t] > 0]
-    charts = "".join(svg_chart(name, [(int(r["iteration"]), float(r[name])) for r in rows if r.get(name)])
-                     for name in series)
-    columns = " | ".join(grid_columns(cfg.mask_fusion))
-    grids = "".join(f'<figure><img src="samples/{d}_{iteration:07d}.png" alt="{d} samples"><figcaption>'
-                    f'{label} at iteration {iteration}: one row per test image; columns: {columns}'
-                    f'</figcaption></figure>' for d, label in (("a2b", "A → B"), ("b2a", "B → A")))
-    config = "".join(f"<tr><td>{html.escape(k)}</td><td>{html.escape(str(v))}</td></tr>"
-                     for k, v in dataclasses.asdict(cfg).items())
-    page = (f'<!doctype html><html><head><meta charset="utf-8"><meta http-equiv="refresh" content="60">'
-            f'<title>magan: {html.escape(run.name)}</title><style>body{{font-family:sans-serif;margin:2em}}'
-            f'figure{{display:inline-block;margin:0 1em 1em 0;vertical-align:top}}img{{max-width:100%}}'
-            f'td{{padding:0 1em 0 0}}</style></head><body><h1>magan run {html.escape(run.name)}</h1>'
-            f'<p>iteration {iteration} of {cfg.iters} · {speed:.2f} it/s · ETA {eta} · updated '
-            f'{time.strftime("%Y-%m-%d %H:%M:%S")}</p><h2>Samples</h2>{grids}<h2>Losses (log.csv)</h2>'
-            f'{charts}<h2>Config</h2><table>{config}</table></body></html>')
-    write_atomically(run / "index.html", lambda f: f.write(page.encode()))
+    def __enter__(self):
+        self.requested = None  # the name of the first signal received
+        self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
 
+    def _handle(self, signum, frame):
+        # No print here: a signal that lands while the loop is printing would make print re-enter
+        # itself ("reentrant call") and crash. The loop announces the stop when it sees the flag.
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = self.requested or signal.Signals(signum).name
 
-def open_tensorboard(run: Path):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        raise MaganError("--tensorboard needs the tensorboard package: pip install tensorboard "
-                         "(magan itself does not need it; RUN/index.html shows the same curves)") from None
-    return SummaryWriter(str(run / "tensorboard"))
-
-
-# --- 8.8 The loop -------------------------------------------------------------------------------
-
-LOGGED = ("D", "G", *LOSS_TERMS)  # the one list behind the progress line, log.csv and the NaN check
-
-
-@dataclass
-class Session:
-    """What one training run holds while it runs."""
-    cfg: Config
-    procs: Processes
-    device: torch.device
-    fast: bool
-    nets: MAGAN
-    vgg: VGGFeatures | None
-    opt_G: torch.optim.Optimizer
-    opt_D: torch.optim.Optimizer
-    autocast: object
-    data: UnpairedImages
-    samples: dict
-    start: int = 0
-    last_saved: int | None = None     # the iteration in latest.pt, once there is one
-    selfreg: AdaptiveWeight | None = None
-    batches: object = None            # the data loader's iterator
-    progress: Progress | None = None
-    log_file: object = None
-    log: object = None
-    tensorboard: object = None
-    reported: set = field(default_factory=set)
-
-    @property
-    def run(self) -> Path:
-        return Path(self.cfg.out)
-
-    @property
-    def latest(self) -> Path:
-        return self.run / "checkpoints" / "latest.pt"
-
-
-def check_new_run(cfg: Config, checkpoint: dict | None) -> tuple[Config, dict | None]:
-    """Everything about the run folder and the config that can be wrong, before anything slow.
-    Paths are stored resolved, so that --resume works from any folder."""
-    resolved = {k: str(Path(getattr(cfg, k)).resolve()) for k in PATH_FIELDS if getattr(cfg, k)}
-    if cfg.vgg_weights == "none":  # no VGG, no perceptual terms: the saved config says so
-        resolved.update(dict.fromkeys(PERCEPTUAL, 0.0))
-    cfg = dataclasses.replace(cfg, **resolved)
-    latest = Path(cfg.out) / "checkpoints" / "latest.pt"
-    if cfg.resume:
-        checkpoint = checkpoint or load_checkpoint(latest)
-        check_architecture(cfg, checkpoint["config"])
-        if checkpoint["iteration"] >= cfg.iters:
-            raise MaganError(f"the checkpoint is already at iteration {checkpoint['iteration']} and --iters "
-                             f"is {cfg.iters}: pass a larger --iters to train further")
-    elif latest.exists():
-        raise MaganError(f"{cfg.out} already holds a run: pass --resume to continue it, or choose "
-                         f"another --out")
-    if not any(w > 0 for w in loss_weights(cfg).values()):
-        raise MaganError("every loss weight is 0: the generators would have nothing to learn")
-    needs = [("--mask-to-d", cfg.mask_to_d, "--mask-fusion", cfg.mask_fusion),
-             ("--w-tv", cfg.w_tv > 0, "--mask-fusion", cfg.mask_fusion),
-             ("--selfreg-target", cfg.selfreg_target > 0, "--w-selfreg", cfg.w_selfreg > 0)]
-    for option, given, needed, present in needs:
-        if given and not present:
-            raise MaganError(f"{option} needs {needed}")
-    return cfg, checkpoint
-
-
-def start_session(cfg: Config, checkpoint: dict | None = None) -> Session:
-    """Everything that can fail on the user's input (folders, weights, checkpoint) fails here,
-    before the first iteration. Then the networks, optimizers, data loader and outputs."""
-    cfg, checkpoint = check_new_run(cfg, checkpoint)
-    procs = Processes()
-    device = pick_device(cfg.device, procs.local_rank)
-    procs.start(device)
-    say = print if procs.main else (lambda *args, **kwargs: None)
-    torch.manual_seed(cfg.seed)  # the networks' initial weights (and a random VGG's)
-    vgg = None
-    if needs_vgg(cfg):
-        say("loading VGG19 for the perceptual losses ...", flush=True)
-        vgg = load_vgg(cfg.vgg_weights)
-    data = UnpairedImages(cfg.a, cfg.b, cfg.size, cfg.seed)
-    samples = {d: fixed_images(sample_folder(folder), cfg.n_samples, cfg.size).to(device)
-               for d, folder in (("a2b", cfg.a), ("b2a", cfg.b))}
-    say(f"building the networks ({'light' if cfg.light else 'full'} mode, {cfg.size} px) ...", flush=True)
-    fast = cfg.fast and device.type == "cuda"
-    nets, vgg, autocast = place_networks(MAGAN(cfg), vgg, device, fast)
-    opt_G, opt_D = make_optimizers(nets, cfg, fast)
-    s = Session(cfg, procs, device, fast, nets, vgg, opt_G, opt_D, autocast, data, samples)
-    s.selfreg = AdaptiveWeight(cfg, device) if cfg.w_selfreg > 0 and cfg.selfreg_target > 0 else None
-    if checkpoint is not None:
-        restore(s, checkpoint, say)
-    procs.broadcast(nets)
-    if cfg.compile:
-        for net in list(nets.children()) + ([vgg] if vgg is not None else []):
-            net.compile()  # in place: the state_dict keys stay the same
-    open_outputs(s, say)
-    return s
-
-
-def restore(s: Session, ckpt: dict, say):
-    """Continue from a checkpoint: weights, optimizer moments, the iteration, SAT's weight."""
-    load_networks(dict(s.nets.named_children()), ckpt)
-    load_optimizer_state(s.opt_G, ckpt["opt_G"])
-    load_optimizer_state(s.opt_D, ckpt["opt_D"])
-    torch.set_rng_state(ckpt["torch_rng"])
-    s.start = s.last_saved = ckpt["iteration"]
-    if s.selfreg is not None and ckpt.get("selfreg") is not None:
-        s.selfreg.state = ckpt["selfreg"].to(s.device)
-    say(f"resuming {s.run} from iteration {s.start}", flush=True)
-    before = ckpt["config"]["iters"]
-    if before != s.cfg.iters:
-        old, new = learning_rate(s.start, config_from_checkpoint(ckpt)), learning_rate(s.start, s.cfg)
-        say(f"note: --iters changes from {before} to {s.cfg.iters}, and so does the learning-rate schedule: "
-            f"the rate at iteration {s.start} is now {new:.3g} (it was {old:.3g}); it stays constant to "
-            f"iteration {s.cfg.iters // 2} and then decays linearly to 0", flush=True)
-    processes = ckpt.get("processes", 1)
-    if processes != s.procs.world:
-        say(f"note: this checkpoint was trained by {processes} process(es) and continues with "
-            f"{s.procs.world}: from here on each iteration reads other samples than the original run "
-            f"would have (the global batch is now {s.procs.world} × {s.cfg.batch})", flush=True)
-
-
-def open_outputs(s: Session, say):
-    """The data loader, and on the main process the run folder: config.json, log.csv, progress."""
-    cfg = s.cfg
-    workers = resolve_workers(cfg.workers, s.procs.local_world)
-    if workers > available_cores():
-        say(f"note: {workers} data workers on {available_cores()} CPU core(s): more workers than cores "
-            f"only adds switching (--workers -1 picks for you)", flush=True)
-    with warnings.catch_warnings():  # PyTorch says the same twice, in its own words
-        warnings.filterwarnings("ignore", message="This DataLoader will create")
-        loader = torch.utils.data.DataLoader(
-            s.data, batch_size=cfg.batch, sampler=IterationSamples(s.start, cfg.iters, cfg.batch, s.procs),
-            num_workers=workers, collate_fn=collate_pairs, pin_memory=s.device.type == "cuda",
-            worker_init_fn=ignore_stop_signals if workers else None)
-        s.batches = iter(loader)  # the worker processes start here, while the rest is set up
-    s.progress = Progress(cfg, s.start, show=s.procs.main)
-    if not s.procs.main:
-        return
-    s.run.mkdir(parents=True, exist_ok=True)
-    config = json.dumps(dataclasses.asdict(cfg), indent=2) + "\n"
-    write_atomically(s.run / "config.json", lambda f: f.write(config.encode()))
-    s.log_file, s.log = open_log(s.run / "log.csv", s.start)
-    s.tensorboard = open_tensorboard(s.run) if cfg.tensorboard else None
-    path = "bf16 fast path" if s.fast else "fp32"
-    where = f"{s.procs.world} processes on {s.device.type}" if s.procs.world > 1 else str(s.device)
-    say(f"training {cfg.iters} iterations on {where} ({path}), {workers} data worker(s); "
-        f"{len(s.data.files[0])} + {len(s.data.files[1])} images; run folder {s.run}\n"
-        f"(the G loss starts near 1e3 because the CAM term is weighted {cfg.w_cam:g}; see it all in "
-        f"{s.run / 'index.html'})", flush=True)
-    if s.device.type == "cpu" and cfg.size >= 128:
-        say("note: on a CPU an iteration at this size takes many seconds; `python magan.py train` with no "
-            "data flags runs a small demo instead", flush=True)
-
-
-def report(s: Session, iteration: int, lr: float, stacked: torch.Tensor, logged: bool):
-    """The progress line (when due) and, every --log-every iterations, a log.csv row of the losses
-    (`stacked`, in the order of LOGGED) averaged over the processes."""
-    if not (logged or (s.procs.main and s.progress.due(iteration))):
-        return
-    if logged:
-        stacked = s.procs.mean(stacked)  # every process takes part, at the same iterations
-    values = dict(zip(LOGGED, stacked.tolist()))  # the only GPU sync of the iteration
-    speed = s.progress.report(iteration, lr, values)
-    if logged and s.procs.main:
-        s.log.writerow([iteration, round(time.time() - s.progress.began, 2), round(speed, 4), lr]
-                       + [values[k] for k in LOGGED])
-        s.log_file.flush()
-        if s.tensorboard is not None:
-            for name, value in values.items():
-                s.tensorboard.add_scalar(f"loss/{name}", value, iteration)
-
-
-def check_finite(s: Session, iteration: int, nonfinite: torch.Tensor):
-    """Stop on a NaN or infinite loss, naming the term, before it reaches a checkpoint."""
-    if not nonfinite.any():
-        return
-    names = [name for name, bad in zip(LOGGED, nonfinite.tolist()) if bad]
-    if s.last_saved is None:
-        kept, then = "no checkpoint had been saved yet", "."
-    else:
-        kept = f"{s.latest} still holds the last good state (iteration {s.last_saved})"
-        then = ", then --resume."
-    when = "" if s.device.type == "cpu" else " or shortly before"
-    raise MaganError(f"loss term(s) {', '.join(names)} became non-finite (NaN or inf) at iteration "
-                     f"{iteration}{when}. {kept}. Try a lower --lr, --no-fast, or a smaller weight for that "
-                     f"term{then}")
-
-
-def write_samples(s: Session, iteration: int):
-    """Sample grids of both directions, and the run page that shows them."""
-    if not s.procs.main:
-        return
-    columns = len(grid_columns(s.cfg.mask_fusion))
-    for direction, G_fwd, G_bwd in (("a2b", s.nets.G_ab, s.nets.G_ba), ("b2a", s.nets.G_ba, s.nets.G_ab)):
-        grid = sample_grid(G_fwd, G_bwd, s.samples[direction])
-        save_image_grid(grid, s.run / "samples" / f"{direction}_{iteration:07d}.png", ncol=columns)
-        if s.tensorboard is not None:
-            images = grid.float().add(1).div(2).clamp(0, 1)  # [-1, 1] -> [0, 1]
-            s.tensorboard.add_images(f"samples/{direction}", images, iteration)
-    write_run_page(s.run, s.cfg, iteration, s.progress.speed, s.progress.eta(iteration))
-    if iteration == s.start + s.cfg.sample_every or iteration == s.cfg.iters:
-        s.progress.say(f"sample grids in {s.run / 'samples'}; the run page: {s.run / 'index.html'}")
-
-
-def save(s: Session, iteration: int, stopping: bool, signal_name: str | None):
-    s.procs.check_in_sync(s.nets)
-    if stopping:
-        s.progress.say(f"{signal_name or 'a stop signal (to another process)'} received: saving iteration "
-                       f"{iteration} (press Ctrl-C again to abort without saving)")
-    if s.procs.main:
-        extra = dict(processes=s.procs.world, selfreg=s.selfreg.state.cpu() if s.selfreg else None)
-        save_checkpoint(s.latest, s.nets, s.opt_G, s.opt_D, iteration, s.cfg, **extra)
-        if iteration % s.cfg.snapshot_every == 0:
-            save_checkpoint(s.run / "checkpoints" / f"iter_{iteration:07d}.pt", s.nets, s.opt_G, s.opt_D,
-                            iteration, s.cfg, **extra)
-    s.last_saved = iteration
-
-
-def end_session(s: Session):
-    if s.log_file is not None:
-        s.log_file.close()
-    if s.tensorboard is not None:
-        s.tensorboard.close()
-    s.procs.finish()
-
-
-def train(cfg: Config, checkpoint: dict | None = None) -> Path:
-    """Train (or, with cfg.resume, continue) the run in cfg.out. Returns the run folder."""
-    s = start_session(cfg, checkpoint)
-    cfg, nonfinite, iteration = s.cfg, None, s.start
-    try:
-        with StopOnSignal() as stop:
-            for iteration, (x_a, x_b, skipped) in enumerate(s.batches, s.start + 1):
-                for name in set(skipped) - s.reported:
-                    (s.progress.say if s.procs.main else print)(f"skipping unreadable image {name}")
-                    s.reported.add(name)
-                lr = learning_rate(iteration - 1, cfg)
-                for group in s.opt_G.param_groups + s.opt_D.param_groups:
-                    group["lr"] = lr
-                x_a, x_b = to_device(x_a, s.device, s.fast), to_device(x_b, s.device, s.fast)
-                weights = s.selfreg.weights(cfg) if s.selfreg else None
-                losses = train_step(s.nets, s.vgg, s.opt_G, s.opt_D, x_a, x_b, cfg, s.autocast,
-                                    s.procs.sync, weights)
-                if s.selfreg:
-                    s.selfreg.update(s.procs.mean(losses["adv"]))
-                # Non-finite losses are noted on the device and read back only when we log or save
-                # (on a CPU reading is free, so every iteration): the GPU never waits for the check.
-                stacked = torch.stack([losses[k] for k in LOGGED])
-                bad = ~torch.isfinite(stacked)
-                nonfinite = bad if nonfinite is None else nonfinite | bad
-                logged = iteration % cfg.log_every == 0 or iteration == cfg.iters
-                saving = (iteration % cfg.save_every == 0 or iteration % cfg.snapshot_every == 0
-                          or iteration == cfg.iters)
-                if s.device.type == "cpu" or logged or saving:
-                    check_finite(s, iteration, s.procs.maximum(nonfinite.float()) > 0)
-                report(s, iteration, lr, stacked, logged)
-                if iteration % cfg.sample_every == 0 or iteration == cfg.iters:
-                    write_samples(s, iteration)
-                stopping = s.procs.any(stop.requested is not None)  # a signal may also come while sampling
-                if saving or stopping:
-                    save(s, iteration, stopping, stop.requested)
-                if stopping:
-                    s.progress.say(f"stopped at iteration {iteration}; saved {s.latest}.\n"
-                                   f"continue with: python magan.py train --out {s.run} --resume")
-                    return s.run
-    finally:
-        end_session(s)
-    s.progress.say(f"done: {iteration} iterations; checkpoint {s.latest}")
-    return s.run
-
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
 
 # =================================================================================================
 # 9. Translation: apply a trained generator to a folder or an image
@@ -1993,8 +1945,8 @@ def translate(ckpt: str | Path, input_path: str | Path, out: str | Path, directi
     device = pick_device(device)
     G, cfg = load_generator(ckpt, direction, device)
     size = size or cfg.size
-    if size % 32:
-        raise MaganError(f"--size {size} is not a multiple of 32")
+    if size < 32 or size % 32:
+        raise MaganError(f"--size {size} {SIZE_RULE}")
     if size != cfg.size and not cfg.light:
         raise MaganError(f"this is a full-mode model: it only translates at its training size {cfg.size} "
                          f"(its MLP reads the whole {cfg.size // 4}x{cfg.size // 4} attention map)")
@@ -2026,6 +1978,7 @@ def translate(ckpt: str | Path, input_path: str | Path, out: str | Path, directi
         speed = done / max(time.time() - start, 1e-9)
         print(f"translated {done}/{len(files)} images ({speed:.1f} img/s)", flush=True)
     return written
+
 
 
 # =================================================================================================
@@ -2080,7 +2033,17 @@ def kid_from_features(real: torch.Tensor, fake: torch.Tensor, protocol: str = "b
              cut, in the order given, into n_blocks consecutive blocks; std = sqrt(var_unbiased /
              n_blocks), the standard error of the mean. `seed` is not used (shuffle beforehand).
     subsets: torch-fidelity's estimator. `subsets` times, draw `subset_size` rows of each set without
-             replacement (torch.Generator seeded with `seed`); std = population std over the subsets."""
+             replacement (torch.Generator seeded with `seed`); std = population std over the subsets.
+
+    >>> g = torch.Generator().manual_seed(0)
+    >>> real, same = torch.randn(100, 16, generator=g), torch.randn(100, 16, generator=g)
+    >>> mean, std = kid_from_features(real, same)              # one distribution: 0, within its ±
+    >>> abs(mean) < 2 * std
+    True
+    >>> mean, std = kid_from_features(real, same + 1)          # shifted by 1 along every feature
+    >>> mean > 5 * std
+    True
+    """
     real, fake = real.double(), fake.double()
     n_real, n_fake = len(real), len(fake)
     if min(n_real, n_fake) < 2:
@@ -2197,34 +2160,84 @@ def kid_between_folders(real: str | Path, fake: str | Path, protocol: str = "blo
 # 11. Command line: python magan.py train | translate | kid | export | bench
 # =================================================================================================
 
-def checked(convert, rule, explain: str):
-    """An argparse `type` that converts the text and refuses values that break `rule`."""
-    def parse(text: str):
-        value = convert(text)
-        if not rule(value):
-            raise argparse.ArgumentTypeError(f"{text} {explain}")
-        return value
-    return parse
+def add_config_flags(parser: argparse.ArgumentParser, skip: tuple = ()):
+    """One flag per Config field (but those in `skip`), its help and check from the field. Unset
+    flags are left out of the parsed namespace (SUPPRESS), so --resume can tell what the user
+    asked for from what the checkpoint already says."""
+    defaults = Config()
+    for f in dataclasses.fields(Config):
+        if f.name in skip:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f"{f.metadata['help']} (default: {getattr(defaults, f.name)})"
+        if isinstance(f.default, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                                help=help_text)
+        else:
+            parser.add_argument(flag, type=f.metadata.get("type", type(f.default)),
+                                choices=f.metadata.get("choices"), default=argparse.SUPPRESS, help=help_text)
+    if "light" not in skip:
+        parser.add_argument("--full", dest="light", action="store_false", default=argparse.SUPPRESS,
+                            help="full mode, the paper's setting (same as --no-light)")
 
 
-def is_device(name: str) -> bool:
-    return name in ("auto", "cpu", "cuda") or (name.startswith("cuda:") and name[5:].isdigit())
+def add_kid_flags(parser: argparse.ArgumentParser):
+    parser.add_argument("--protocol", choices=("blocks", "subsets"), default="blocks",
+                        help="blocks: TF-GAN's estimator, the papers' numbers; subsets: torch-fidelity's")
+    parser.add_argument("--block-size", type=positive_int, default=10, help="largest block (blocks)")
+    parser.add_argument("--subsets", type=positive_int, default=100, help="number of subsets (subsets)")
+    parser.add_argument("--subset-size", type=positive_int, default=1000, help="subset size (subsets)")
+    parser.add_argument("--seed", type=int, default=0, help="shuffles the file lists and draws the subsets")
+    parser.add_argument("--inception", choices=("fid", "imagenet"), default="fid",
+                        help="fid: the papers' features; imagenet: torchvision's, not comparable")
+    parser.add_argument("--inception-weights", metavar="PATH", help="a local copy of the Inception weights")
+    parser.add_argument("--kid-batch", type=positive_int, default=50, help="images per Inception pass")
 
 
-VALIDATORS = dict(
-    image_size=checked(int, lambda v: v >= 32 and v % 32 == 0, "is not a multiple of 32 (at least 32): "
-                       "the generator halves the image twice and the global discriminator up to five times"),
-    positive_int=checked(int, lambda v: v > 0, "must be a positive integer"),
-    worker_count=checked(int, lambda v: v >= -1, "must be 0 or more (or -1: automatic)"),
-    weight=checked(float, lambda v: math.isfinite(v) and v >= 0,
-                   "must be a finite number >= 0 (0 switches the term off)"),
-    positive_float=checked(float, lambda v: math.isfinite(v) and v > 0, "must be a finite number > 0"),
-    fraction=checked(float, lambda v: 0 <= v < 1, "must be in [0, 1)"),
-    sam_exponent=checked(float, lambda v: math.isfinite(v) and v >= 1, "must be at least 1: |θ|^p "
-                         "with p < 1 has an infinite gradient where θ = 0, and ReLU features are often 0"),
-    device_name=checked(str, is_device, "is not a device: use auto, cpu, cuda or cuda:N"),
-)
-POSITIVE = VALIDATORS["positive_int"]
+# Only a benchmark's shape matters to `bench`: a run's folders, schedule and outputs do not.
+NOT_BENCH_FIELDS = ("data", "a", "b", "out", "iters", "workers", "log_every", "sample_every", "save_every",
+                    "snapshot_every", "n_samples", "tensorboard", "resume")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    defaults = argparse.ArgumentDefaultsHelpFormatter
+    parser = argparse.ArgumentParser(prog="magan.py", description="MAGAN: unsupervised image-to-image "
+                                     "translation with multi-angle attention.", formatter_class=defaults)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    train_parser = commands.add_parser("train", help="train (a quick demo on data/ when no data is given)")
+    add_config_flags(train_parser)
+    t = commands.add_parser("translate", help="translate images with a trained model",
+                            formatter_class=defaults)
+    t.add_argument("--ckpt", required=True, help="a checkpoint (RUN/checkpoints/latest.pt) or an export")
+    t.add_argument("--input", required=True, help="an image or a folder of images (any size or mode)")
+    t.add_argument("--out", required=True, help="output folder (one image per input, same file name), or a "
+                                                "file name when --input is one image")
+    t.add_argument("--direction", choices=("a2b", "b2a"), default="a2b")
+    t.add_argument("--heatmaps", action="store_true", help="also write attention heatmaps (and masks)")
+    t.add_argument("--keep-size", action=argparse.BooleanOptionalAction, default=True,
+                   help="write each translation at its input's size and aspect ratio (else SxS)")
+    t.add_argument("--size", type=image_size,
+                   help="run the generator at this size (default: the training size; light mode only)")
+    t.add_argument("--batch", type=positive_int, default=8, help="images per forward pass")
+    t.add_argument("--device", type=device_name, default="auto")
+    t.add_argument("--kid-against", metavar="DIR", help="then score the translations against the real "
+                                                        "target-domain images in DIR (e.g. testB)")
+    add_kid_flags(t)
+    k = commands.add_parser("kid", help="kernel inception distance between two image folders",
+                            formatter_class=defaults)
+    k.add_argument("--real", required=True, help="folder of real target-domain images")
+    k.add_argument("--fake", required=True, help="folder of translated images")
+    k.add_argument("--device", type=device_name, default="auto")
+    add_kid_flags(k)
+    e = commands.add_parser("export", help="the generators and config of a checkpoint, for sharing")
+    e.add_argument("--ckpt", required=True, help="a training checkpoint")
+    e.add_argument("--out", required=True, help="the file to write, e.g. horse2zebra.pt")
+    b = commands.add_parser("bench", help="time full training iterations: fp32, fast path, peak memory")
+    add_config_flags(b, skip=NOT_BENCH_FIELDS)
+    b.add_argument("--iters", type=positive_int, default=20, help="timed iterations (default: 20)")
+    b.add_argument("--warmup", type=positive_int, default=5, help="untimed iterations first (default: 5)")
+    return parser
+
 
 # U-GAT-IT's flags (its README's commands) and their magan spelling, for users who come from it.
 UGATIT_FLAGS = {"--img_size": "--size", "--light": "--light or --full (no value)", "--iteration": "--iters",
@@ -2237,93 +2250,13 @@ UGATIT_FLAGS = {"--img_size": "--size", "--light": "--light or --full (no value)
                 "--benchmark_flag": "nothing: on with the fast path"}
 
 
-class Parser(argparse.ArgumentParser):
-    """argparse, plus a hint of magan's spelling when a U-GAT-IT flag is among `argv`."""
-
-    def __init__(self, *args, argv: list[str] = (), **kwargs):
-        super().__init__(*args, **kwargs)
-        self.argv = list(argv)
-
-    def error(self, message: str):
-        flags = dict.fromkeys(a.split("=")[0] for a in self.argv)  # in order, once each
-        hints = [f"  {flag} -> {UGATIT_FLAGS[flag]}" for flag in flags
-                 if flag in UGATIT_FLAGS and flag.replace("_", "-") not in self._option_string_actions]
-        if any(a in ("True", "False") for a in self.argv):
-            hints.append("  on/off flags take no value: --light / --full, --resume, --fast / --no-fast")
-        if hints:
-            message += "\nmagan spells U-GAT-IT's flags differently:\n" + "\n".join(hints)
-        super().error(message)
-
-
-def add_config_flags(parser: argparse.ArgumentParser, defaults: Config):
-    """One flag per Config field. Unset flags are left out of the parsed namespace (SUPPRESS), so
-    --resume can tell what the user asked for from what the checkpoint already says."""
-    for f in dataclasses.fields(Config):
-        flag = "--" + f.name.replace("_", "-")
-        help_text = f"{f.metadata['help']} (default: {getattr(defaults, f.name)})"
-        if isinstance(f.default, bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
-                                help=help_text)
-        else:
-            kind = f.metadata.get("type", type(f.default))
-            parser.add_argument(flag, type=VALIDATORS.get(kind, kind), choices=f.metadata.get("choices"),
-                                default=argparse.SUPPRESS, help=help_text)
-    parser.add_argument("--full", dest="light", action="store_false", default=argparse.SUPPRESS,
-                        help="full mode, the paper's setting (same as --no-light)")
-
-
-def add_kid_flags(parser: argparse.ArgumentParser):
-    parser.add_argument("--protocol", choices=("blocks", "subsets"), default="blocks",
-                        help="blocks: TF-GAN's estimator, the papers' numbers; subsets: torch-fidelity's")
-    parser.add_argument("--block-size", type=POSITIVE, default=10, help="largest block (blocks)")
-    parser.add_argument("--subsets", type=POSITIVE, default=100, help="number of subsets (subsets)")
-    parser.add_argument("--subset-size", type=POSITIVE, default=1000, help="subset size (subsets)")
-    parser.add_argument("--seed", type=int, default=0, help="shuffles the file lists and draws the subsets")
-    parser.add_argument("--inception", choices=("fid", "imagenet"), default="fid",
-                        help="fid: the papers' features; imagenet: torchvision's, not comparable")
-    parser.add_argument("--inception-weights", metavar="PATH", help="a local copy of the Inception weights")
-    parser.add_argument("--kid-batch", type=POSITIVE, default=50, help="images per Inception pass")
-
-
-def build_parser(argv: list[str]) -> Parser:
-    defaults = argparse.ArgumentDefaultsHelpFormatter
-    parser = Parser(prog="magan.py", description="MAGAN: unsupervised image-to-image translation with "
-                                                 "multi-angle attention.", formatter_class=defaults,
-                    argv=argv)
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND",
-                                     parser_class=lambda **kwargs: Parser(argv=argv, **kwargs))
-    train = commands.add_parser("train", help="train (a quick demo on data/ when no data is given)")
-    add_config_flags(train, Config())
-    t = commands.add_parser("translate", help="translate images with a trained model",
-                            formatter_class=defaults)
-    t.add_argument("--ckpt", required=True, help="a checkpoint (RUN/checkpoints/latest.pt) or an export")
-    t.add_argument("--input", required=True, help="an image or a folder of images (any size or mode)")
-    t.add_argument("--out", required=True, help="output folder (one image per input, same file name), or a "
-                                                "file name when --input is one image")
-    t.add_argument("--direction", choices=("a2b", "b2a"), default="a2b")
-    t.add_argument("--heatmaps", action="store_true", help="also write attention heatmaps (and masks)")
-    t.add_argument("--keep-size", action=argparse.BooleanOptionalAction, default=True,
-                   help="write each translation at its input's size and aspect ratio (else SxS)")
-    t.add_argument("--size", type=VALIDATORS["image_size"],
-                   help="run the generator at this size (default: the training size; light mode only)")
-    t.add_argument("--batch", type=POSITIVE, default=8, help="images per forward pass")
-    t.add_argument("--device", type=VALIDATORS["device_name"], default="auto")
-    t.add_argument("--kid-against", metavar="DIR", help="then score the translations against the real "
-                                                        "target-domain images in DIR (e.g. testB)")
-    add_kid_flags(t)
-    k = commands.add_parser("kid", help="kernel inception distance between two image folders",
-                            formatter_class=defaults)
-    k.add_argument("--real", required=True, help="folder of real target-domain images")
-    k.add_argument("--fake", required=True, help="folder of translated images")
-    k.add_argument("--device", type=VALIDATORS["device_name"], default="auto")
-    add_kid_flags(k)
-    e = commands.add_parser("export", help="the generators and config of a checkpoint, for sharing")
-    e.add_argument("--ckpt", required=True, help="a training checkpoint")
-    e.add_argument("--out", required=True, help="the file to write, e.g. horse2zebra.pt")
-    b = commands.add_parser("bench", help="time full training iterations: fp32, fast path, peak memory",
-                            formatter_class=defaults)
-    add_bench_flags(b)
-    return parser
+def ugatit_hints(unknown: list[str]) -> str:
+    """For arguments argparse did not know: magan's spelling of the U-GAT-IT flags among them."""
+    flags = dict.fromkeys(a.split("=")[0] for a in unknown)  # in order, once each
+    hints = [f"  {flag} -> {UGATIT_FLAGS[flag]}" for flag in flags if flag in UGATIT_FLAGS]
+    if any(a in ("True", "False") for a in unknown):
+        hints.append("  on/off flags take no value: --light / --full, --resume, --fast / --no-fast")
+    return "\nmagan spells U-GAT-IT's flags differently:\n" + "\n".join(hints) if hints else ""
 
 
 def given_flags(args: argparse.Namespace) -> dict:
@@ -2343,10 +2276,22 @@ def train_command(args: argparse.Namespace):
     train(cfg)
 
 
+def bench_command(args: argparse.Namespace):
+    given = given_flags(args)
+    bench(Config(**{**PRESETS[given.get("preset", "magan")], **given}), args.iters, args.warmup)
+
+
+def kid_args(args: argparse.Namespace) -> dict:
+    return dict(protocol=args.protocol, block_size=args.block_size, subsets=args.subsets,
+                subset_size=args.subset_size, seed=args.seed, inception=args.inception,
+                inception_weights=args.inception_weights, device=args.device, batch=args.kid_batch)
+
+
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    parser = build_parser(argv)
-    args = parser.parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}{ugatit_hints(unknown)}")
     if args.command is None:
         parser.print_help()
         return 0
@@ -2373,14 +2318,166 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def kid_args(args: argparse.Namespace) -> dict:
-    return dict(protocol=args.protocol, block_size=args.block_size, subsets=args.subsets,
-                subset_size=args.subset_size, seed=args.seed, inception=args.inception,
-                inception_weights=args.inception_weights, device=args.device, batch=args.kid_batch)
+# #################################################################################################
+# Appendix A. Several GPUs: data parallel under torchrun
+# #################################################################################################
+# torchrun --nproc_per_node N magan.py train ... starts N copies of this script and tells each its
+# RANK (0..N−1), LOCAL_RANK (its GPU on this machine) and WORLD_SIZE (N) in environment variables.
+# Each process trains on its own --batch images per iteration, so the global batch is N × batch:
+# iteration k on rank r reads samples (k·N + r)·B ... (k·N + r)·B + B − 1, a pure function of
+# (seed, k, r) (IterationSamples, section 6). One process with batch N·B reads the same samples.
+#
+# Why an explicit all-reduce rather than DistributedDataParallel: DDP assumes one forward and one
+# backward per step, with every parameter receiving a gradient. A GAN step breaks both: each
+# generator runs twice before its backward (translation, then cycle), and D is frozen during the G
+# step, so a wrapped D would wait for gradients that never come. Averaging the gradients after each
+# backward (one all-reduce per network) is short and keeps the algorithm above unchanged; what it
+# gives up is DDP's overlap of communication with the backward pass.
+#
+# Buffers: spectral norm's power-iteration vectors u, v are buffers updated by every forward. They
+# stay equal on all ranks without any communication, because every rank starts from the same
+# weights and vectors (broadcast from rank 0 at the start) and applies the same averaged updates,
+# so every rank computes the same power iteration. At each checkpoint this is verified (a checksum
+# over all parameters and buffers); a difference is reported and repaired from rank 0.
+
+class Processes:
+    """The processes of one run. Alone (plain `python magan.py train`) there is one and every method
+    is a no-op; under torchrun they communicate over NCCL (CUDA) or gloo (CPU)."""
+
+    def __init__(self):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self.local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(self.world)))
+        self.main = self.rank == 0   # rank 0 alone writes the log, the samples and the checkpoints
+        self.control = None
+
+    def start(self, device: torch.device):
+        if self.world == 1 or dist.is_initialized():
+            return
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        # Host-side decisions (stop now?) go over gloo on the CPU: they never wait for the GPU.
+        self.control = dist.new_group(backend="gloo") if device.type == "cuda" else dist.group.WORLD
+
+    def average_gradients(self, networks):
+        """One all-reduce per network over its flattened gradients, then divide by the world size."""
+        for net in networks:
+            grads = [p.grad for p in net.parameters() if p.grad is not None]
+            flat = torch.cat([g.reshape(-1) for g in grads])              # (n_parameters,)
+            dist.all_reduce(flat)
+            flat /= self.world
+            for g, chunk in zip(grads, flat.split([g.numel() for g in grads])):
+                g.copy_(chunk.view_as(g))
+
+    @property
+    def sync(self):
+        return self.average_gradients if self.world > 1 else None
+
+    def any(self, flag: bool) -> bool:
+        """True on every rank if it is true on any (a stop signal may reach one process only)."""
+        if self.world == 1:
+            return bool(flag)
+        t = torch.tensor([float(bool(flag))])
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.control)
+        return bool(t.item())
+
+    def maximum(self, t: torch.Tensor) -> torch.Tensor:
+        if self.world > 1:
+            t = t.clone()
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return t
+
+    def mean(self, t: torch.Tensor) -> torch.Tensor:
+        if self.world > 1:
+            t = t.clone()
+            dist.all_reduce(t)
+            t /= self.world
+        return t
+
+    def broadcast(self, module: nn.Module):
+        """Rank 0's parameters and buffers to every rank."""
+        if self.world > 1:
+            for tensor in module.state_dict().values():
+                dist.broadcast(tensor, 0)
+
+    def check_in_sync(self, module: nn.Module):
+        if self.world == 1:
+            return
+        total = sum(t.double().sum() for t in module.state_dict().values() if t.is_floating_point())
+        spread = self.maximum(total.reshape(1)) - (-self.maximum(-total.reshape(1)))
+        if spread.item() != 0:
+            if self.main:
+                print("warning: the processes' weights drifted apart; continuing from rank 0's", flush=True)
+            self.broadcast(module)
+
+    def finish(self):
+        if self.world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 # #################################################################################################
-# Appendix A. Benchmark: how fast is one full training iteration (D step + G step, every loss)?
+# Appendix B. The run page and TensorBoard
+# #################################################################################################
+
+def svg_chart(name: str, points: list[tuple[int, float]], width: int = 300, height: int = 120) -> str:
+    """An inline SVG line chart of (iteration, value) points, with the range printed beside it."""
+    if not points:
+        return f'<p class="empty" data-term="{name}">{name}: no rows in log.csv yet</p>'
+    xs, ys = [p[0] for p in points], [p[1] for p in points]
+    x0, x1 = min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1
+    y0, y1 = min(ys), max(ys) if max(ys) > min(ys) else min(ys) + 1
+    def at(x, y):  # data -> pixel coordinates, 5 px from the edges, y growing downwards
+        px = 5 + (x - x0) / (x1 - x0) * (width - 10)
+        py = height - 5 - (y - y0) / (y1 - y0) * (height - 10)
+        return f"{px:.1f},{py:.1f}"
+    coords = " ".join(at(x, y) for x, y in points)
+    return (f'<figure><svg width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img">'
+            f'<rect width="{width}" height="{height}" fill="#fafafa" stroke="#ccc"/>'
+            f'<polyline data-term="{name}" fill="none" stroke="#c33" stroke-width="1.5" '
+            f'points="{coords}"/></svg>'
+            f'<figcaption><b>{name}</b> {ys[-1]:.4g} (range {min(ys):.4g} to {max(ys):.4g}, '
+            f'iterations {xs[0]} to {xs[-1]})</figcaption></figure>')
+
+
+def write_run_page(run: Path, cfg: Config, iteration: int, speed: float, eta: str):
+    """RUN/index.html: the config, where the run is, the latest sample grids and a chart of every
+    loss term from log.csv. A static page that any browser opens: no server, nothing to install.
+    It reloads itself every minute while open."""
+    with open(run / "log.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    weights = cfg.loss_weights()
+    series = ["D", "G"] + [t for t in LOSS_TERMS if weights.on(t)]
+    charts = "".join(svg_chart(name, [(int(r["iteration"]), float(r[name])) for r in rows if r.get(name)])
+                     for name in series)
+    columns = " | ".join(grid_columns(cfg.mask_fusion))
+    grids = "".join(f'<figure><img src="samples/{d}_{iteration:07d}.png" alt="{d} samples"><figcaption>'
+                    f'{label} at iteration {iteration}: one row per test image; columns: {columns}'
+                    f'</figcaption></figure>' for d, label in (("a2b", "A → B"), ("b2a", "B → A")))
+    config = "".join(f"<tr><td>{html.escape(k)}</td><td>{html.escape(str(v))}</td></tr>"
+                     for k, v in dataclasses.asdict(cfg).items())
+    page = (f'<!doctype html><html><head><meta charset="utf-8"><meta http-equiv="refresh" content="60">'
+            f'<title>magan: {html.escape(run.name)}</title><style>body{{font-family:sans-serif;margin:2em}}'
+            f'figure{{display:inline-block;margin:0 1em 1em 0;vertical-align:top}}img{{max-width:100%}}'
+            f'td{{padding:0 1em 0 0}}</style></head><body><h1>magan run {html.escape(run.name)}</h1>'
+            f'<p>iteration {iteration} of {cfg.iters} · {speed:.2f} it/s · ETA {eta} · updated '
+            f'{time.strftime("%Y-%m-%d %H:%M:%S")}</p><h2>Samples</h2>{grids}<h2>Losses (log.csv)</h2>'
+            f'{charts}<h2>Config</h2><table>{config}</table></body></html>')
+    write_atomically(run / "index.html", lambda f: f.write(page.encode()))
+
+
+def open_tensorboard(run: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise MaganError("--tensorboard needs the tensorboard package: pip install tensorboard "
+                         "(magan itself does not need it; RUN/index.html shows the same curves)") from None
+    return SummaryWriter(str(run / "tensorboard"))
+
+
+
+
+# #################################################################################################
+# Appendix C. Benchmark: how fast is one full training iteration (D step + G step, every loss)?
 # #################################################################################################
 
 def count_parameters(module: nn.Module) -> int:
@@ -2399,37 +2496,13 @@ def peak_memory_gib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
-def add_bench_flags(b: argparse.ArgumentParser):
-    b.add_argument("--size", type=VALIDATORS["image_size"], default=256)
-    b.add_argument("--light", action=argparse.BooleanOptionalAction, default=True, help="light or --no-light")
-    b.add_argument("--full", dest="light", action="store_false", help="full mode (the paper's setting)")
-    b.add_argument("--ch", type=POSITIVE, default=64)
-    b.add_argument("--n-res", type=POSITIVE, default=4)
-    b.add_argument("--attention", choices=("ma", "cam", "sam", "none"), default="ma")
-    b.add_argument("--preset", choices=tuple(PRESETS), default="magan",
-                   help="ugatit: U-GAT-IT's objective (no VGG losses, CAM attention)")
-    b.add_argument("--batch", type=POSITIVE, default=1)
-    b.add_argument("--device", type=VALIDATORS["device_name"], default="auto")
-    b.add_argument("--iters", type=POSITIVE, default=20, help="timed iterations")
-    b.add_argument("--warmup", type=POSITIVE, default=5, help="untimed iterations first")
-    b.add_argument("--compile", action="store_true", help="also time the fast path under torch.compile")
-
-
-def bench_command(args: argparse.Namespace):
-    values = {**PRESETS[args.preset], "size": args.size, "light": args.light, "ch": args.ch,
-              "n_res": args.n_res, "batch": args.batch, "device": args.device, "compile": args.compile,
-              "preset": args.preset}
-    if args.preset == "magan":
-        values["attention"] = args.attention
-    bench(Config(**values), args.iters, args.warmup)
-
-
 def time_iterations(cfg: Config, mode: str, device: torch.device, procs: Processes, iters: int,
                     warmup: int) -> dict:
     """Warm up, then time `iters` training steps of one path (fp32, fast, fast+compile)."""
     fast = mode.startswith("fast")
     torch.manual_seed(cfg.seed)
     vgg = VGGFeatures(vgg19_features()) if needs_vgg(cfg) else None  # random weights: the same computation
+    w = cfg.loss_weights()
     nets, vgg, autocast = place_networks(MAGAN(cfg), vgg, device, fast)
     opt_G, opt_D = make_optimizers(nets, cfg, fast)
     if mode.endswith("+compile"):
@@ -2445,7 +2518,7 @@ def time_iterations(cfg: Config, mode: str, device: torch.device, procs: Process
     for n in (warmup, iters):  # warm-up: cuDNN autotuning, compilation, allocator
         start = time.perf_counter()
         for _ in range(n):
-            train_step(nets, vgg, opt_G, opt_D, x_a, x_b, cfg, autocast, procs.sync)
+            train_step(nets, vgg, opt_G, opt_D, x_a, x_b, w, cfg.gan_loss, autocast, procs.sync)
         synchronize()
         timings.append(time.perf_counter() - start)
         if procs.main:
@@ -2505,7 +2578,7 @@ def bench(cfg: Config, iters: int = 20, warmup: int = 5) -> list[dict]:
 
 
 # #################################################################################################
-# Appendix B. The FID Inception: TF's 2015-12-05 Inception graph, as ported by pytorch-fid
+# Appendix D. The FID Inception: TF's 2015-12-05 Inception graph, as ported by pytorch-fid
 # #################################################################################################
 # torchvision's Inception-v3 classes with 1008 outputs, except that the average-pooling branch of
 # the Mixed blocks ignores padding, and Mixed_7c pools with a 3x3 max-pool. The features are the
