@@ -26,13 +26,34 @@ use the same attention. Read top to bottom, this file is a tutorial of the paper
     python magan.py translate --ckpt runs/NAME/checkpoints/latest.pt --input photos --out out
 
 Where we depart from the papers (each is explained where it is made):
+  * the objective: MAGAN's eq. 8 (L_adv + L_style + L_rec + L_cate^G) plus U-GAT-IT's pixel cycle
+    (weight 10) and identity (10) terms, with U-GAT-IT's CAM weight 1000 on L_cate^G. Eq. 8 as
+    printed, every weight 1 and no cycle or identity term, is --preset eq8;
   * least-squares adversarial loss, as U-GAT-IT's code (MAGAN prints the BCE form: --gan-loss bce);
-  * the style loss compares each translation with the real target-domain image of the same iteration;
+  * the style and content losses are L1 distances relative to the features' own size (MAGAN
+    prints a plain ‖·‖₁, whose scale depends on the VGG weights: at weight 1 its style term was a
+    millionth of the cycle term); the style target is the real target-domain image of the same
+    iteration;
+  * two discriminators per domain, a global and a local one, as U-GAT-IT (MAGAN draws one);
+  * eq. 2 prints a(x) = Conv(a_α, a_β), two inputs; we read three, Conv(a_β, a_α, a_γ), as the
+    text around it describes (SAM's map re-weights θ too);
   * the spatial activation map γ is scaled to unit root-mean-square before its classifier;
-  * MAGAN's eq. 7 is garbled in print: the generators' class logits get U-GAT-IT's CAM loss;
+  * MAGAN's eq. 7 is garbled in print: the generators' class logits get U-GAT-IT's CAM loss, the
+    discriminators' the adversarial loss;
+  * the discriminators' attention maps use the spectrally *normalised* classifier weight, the one
+    that gave the logit (U-GAT-IT's code uses the raw parameter);
   * light mode by default (U-GAT-IT's --light; the paper's full mode is --full);
   * below 128 px the global discriminator stops at a 4x4 grid instead of S/32;
-  * PyTorch's default weight initialisation, as U-GAT-IT's PyTorch code.
+  * PyTorch's default weight initialisation and AdaLIN's ρ starting at 1: U-GAT-IT's text gives
+    N(0, 0.02) and ρ near 1; its PyTorch code, default init and ρ = 0.9. Biased variances in
+    AdaLIN/LIN, as nn.InstanceNorm2d and U-GAT-IT's TF code (its PyTorch port: unbiased);
+  * --preset ugatit follows U-GAT-IT's PyTorch port (separate GAP and GMP classifiers, a bias-free
+    MLP, default init), not the TensorFlow code behind U-GAT-IT's numbers (one classifier weight
+    shared by GAP and GMP, N(0, 0.02));
+  * KID: a cubic kernel and blocks of at most 10 over the whole test set (TF-GAN's estimator, as
+    U-GAT-IT's tables, which MAGAN's Table 2 quotes). MAGAN's text says "10 subsets of size 10"
+    and "degree 9": the same only for a 100-image test set, and degree 9 is likely a typo (KID's
+    kernel is cubic, and so is U-GAT-IT's).
 Images are tensors in [-1, 1] everywhere.
 """
 
@@ -261,7 +282,8 @@ class MultiAngleAttention(nn.Module):
         # MAGAN (1):  Γ(x) = Concat(ξ_α, ξ_β, ξ_γ). We keep U-GAT-IT's order, GAP before GMP:
         # (ξ_β, ξ_α, ξ_γ). Each logit gets the same loss, so the order changes nothing.
         logits = torch.cat(logits, dim=1) if logits else theta.new_zeros(B, 0)   # (B, n_angles)
-        # MAGAN (2):  a(x) = Conv1x1(Concat(a_β, a_α, a_γ)), followed by the activation.
+        # MAGAN (2) prints a_G(x) = Conv(a_α, a_β), two inputs; its text weights θ with SAM's map
+        # too, so we read three:  a(x) = Conv1x1(Concat(a_β, a_α, a_γ)), then the activation.
         stacked = torch.cat(maps, dim=1) if maps else theta                      # (B, n·C, h, w)
         a = self.act(self.conv1x1(stacked))                                      # (B, C, h, w)
         return AttentionOutput(a, logits, heatmap=a.sum(dim=1, keepdim=True))    # heatmap: (B, 1, h, w)
@@ -497,16 +519,34 @@ def gram_matrix(features: torch.Tensor) -> torch.Tensor:
         return f @ f.transpose(1, 2) / (C * H * W)             # (B, C, C)
 
 
+def relative_l1(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Σ|a − b| / (Σ|a| + Σ|b|) per sample, averaged over the batch: an L1 distance as a fraction
+    of the two tensors' size, between 0 (equal) and 1 (nothing in common, e.g. opposite signs).
+    The denominator is held constant for the gradient: it only sets the scale, so the gradient
+    points where plain L1's does. a, b: (B, ...); computed in fp32."""
+    a, b = a.float().flatten(1), b.float().flatten(1)
+    size = (a.abs().sum(dim=1) + b.abs().sum(dim=1)).detach().clamp_min(1e-12)   # (B,)
+    return ((a - b).abs().sum(dim=1) / size).mean()
+
+
+# Why relative: MAGAN (5) and (6) print a plain ‖·‖₁, but the size of VGG's activations (and so of
+# an L1 between them, and of its gradient) depends on which VGG weights are loaded, by orders of
+# magnitude: with a C·H·W-normalised Gram the style term measured ~1e-5 with a random VGG and
+# ~1e-4 to 1e-3 is usual with ImageNet's, beside a cycle term of ~1 weighted 10. At any default
+# weight it was inert. As a fraction of the features' own size, both terms are between 0 and 1
+# whatever VGG is loaded, and their weights mean the same thing on every machine.
+
 def style_loss(features_fake: torch.Tensor, features_real: torch.Tensor) -> torch.Tensor:
     """MAGAN (5):  L_style = E||M(φ4(G(x))) − M(φ4(y))||₁, φ4 = VGG19 relu4_4, y a real image of
-    the target domain (we use the x_b of the same iteration). Mean absolute difference."""
-    return F.l1_loss(gram_matrix(features_fake), gram_matrix(features_real))
+    the target domain (we use the x_b of the same iteration), the L1 taken relative to the two
+    Gram matrices' size (relative_l1, see above)."""
+    return relative_l1(gram_matrix(features_fake), gram_matrix(features_real))
 
 
 def content_loss(features_reconstruction: torch.Tensor, features_input: torch.Tensor) -> torch.Tensor:
     """MAGAN (6):  L_rec = E||φ5(G_ba(G_ab(x))) − φ5(x)||₁, φ5 = VGG19 relu5_4: the cycle, compared
-    in VGG's semantic features rather than in pixels. Mean absolute difference."""
-    return F.l1_loss(features_reconstruction, features_input)  # autocast runs l1_loss in fp32
+    in VGG's semantic features rather than in pixels; the L1 relative to the features' size."""
+    return relative_l1(features_reconstruction, features_input)
 
 
 def total_variation(mask: torch.Tensor) -> torch.Tensor:
@@ -532,7 +572,8 @@ def self_regularisation(features_output: tuple, features_input: tuple) -> torch.
     cites, takes its layers): G should keep the input's low-level look (colours, edges)."""
     total = 0
     for w, f_out, f_in in zip(SELFREG_LAYER_WEIGHTS, features_output, features_input):
-        # fp32 by hand: autocast would leave the squares and their sum over channels in bf16
+        # fp32 by hand: under autocast the differences and their squares would be bf16 (and on the
+        # CPU their sum too; CUDA's autocast runs sums in fp32 itself)
         squared = (f_out.float() - f_in.float()).square().sum(dim=1)   # (B, H_l, W_l)
         total = total + w * squared.mean()                               # mean over positions (and batch)
     return total
@@ -880,12 +921,15 @@ def option(default, help: str, **argparse_kwargs):
 class Config:
     # data and run folder
     data: str = option("", "a CycleGAN-layout dataset root: ROOT/trainA, ROOT/trainB (testA/testB, beside "
-                           "them, give the sample grids). Or name the two folders with --a and --b")
+                           "them, give the sample grids). Or name the two folders with --a and --b; with "
+                           "--data, --a or --b replaces that one domain")
     a: str = option("data/trainA", "folder of domain-A training images (testA beside it gives the samples)")
     b: str = option("data/trainB", "folder of domain-B training images (testB beside it gives the samples)")
     out: str = option("runs/magan", "run folder: config.json, log.csv, index.html, samples/, checkpoints/")
-    preset: str = option("magan", "magan: MAGAN's objective; ugatit: U-GAT-IT's (CAM attention, no VGG "
-                                  "losses). Explicit flags override a preset", choices=("magan", "ugatit"))
+    preset: str = option("magan", "magan: MAGAN's objective with U-GAT-IT's terms; ugatit: U-GAT-IT's (CAM "
+                                  "attention, no VGG losses); eq8: MAGAN's eq. 8 as printed (no pixel cycle, "
+                                  "no identity, every weight 1). Explicit flags override a preset",
+                         choices=("magan", "ugatit", "eq8"))
     size: int = option(256, "image size S, a multiple of 32 (the paper: 256)", type=image_size)
     # model (U-GAT-IT appendix Tables 4-6; MAGAN §2.1-2.2; AGGAN)
     ch: int = option(64, "base width of every network (the paper: 64)", type=positive_int)
@@ -921,9 +965,10 @@ class Config:
     w_selfreg: float = option(0.0, "weight of SAT's self-regularisation (perceptual distance x to G(x) on "
                                    "VGG19's first layers); the largest weight with --selfreg-target",
                               type=weight)
-    selfreg_target: float = option(0.0, "SAT's adaptive weight: raise the self-regularisation weight from 0 "
-                                         "until the generators' adversarial loss passes this value, then "
-                                         "hold it (0: a fixed weight)", type=weight)
+    selfreg_target: float = option(0.0, "SAT's adaptive weight: after 1000 iterations at 0, raise the "
+                                         "self-regularisation weight until the generators' mean adversarial "
+                                         "term passes this value (LSGAN: 0.25 when D answers 0.5), then hold "
+                                         "it; log.csv shows it (0: a fixed weight)", type=weight)
     vgg_weights: str = option("imagenet", "VGG19 for the style/content losses: imagenet (torchvision, "
                                           "downloaded once to the torch cache), PATH to a torchvision VGG19 "
                                           "state dict, none (no perceptual losses: their weights become 0), "
@@ -976,6 +1021,10 @@ PRESETS = {
     "ugatit": dict(attention="cam", w_adv=1.0, w_cycle=10.0, w_identity=10.0, w_cam=1000.0,
                    w_style=0.0, w_content=0.0, w_tv=0.0, w_pixel=0.0, w_selfreg=0.0,
                    vgg_weights="none", mask_fusion=False),
+    # MAGAN (8) as printed: L_G = L_adv + L_style + L_rec + L_cate^G, each weight 1, and none of
+    # U-GAT-IT's pixel cycle (10), identity (10) or CAM weight (1000) that the default adds.
+    "eq8": dict(w_adv=1.0, w_style=1.0, w_content=1.0, w_cam=1.0, w_cycle=0.0, w_identity=0.0,
+                vgg_weights="imagenet"),
 }
 
 # `python magan.py train` with no data: a demo on the bundled data that downloads nothing. Measured
@@ -994,8 +1043,9 @@ def make_config(given: dict) -> tuple[Config, str | None]:
         taken = lambda i: Path(f"runs/demo{i or ''}").exists()  # never mix with an earlier demo
         base["out"] = f"runs/demo{next(i for i in range(10000) if not taken(i)) or ''}"
     values = {**base, **PRESETS[given.get("preset", "magan")], **given}
-    if values.get("data") and not ("a" in given or "b" in given):
-        values["a"], values["b"] = dataset_folders(values["data"])
+    if values.get("data"):  # --data ROOT gives each domain that --a or --b does not name
+        root_a, root_b = dataset_folders(values["data"])
+        values["a"], values["b"] = given.get("a", root_a), given.get("b", root_b)
     cfg = Config(**values)
     note = None
     if demo:
@@ -1055,8 +1105,10 @@ class MAGAN(nn.Module):
 # Why λ_cam = 1000: the attention classifiers decide *where* the generator translates, and the
 # adversarial gradient that reaches the encoder is weak and noisy. U-GAT-IT weights the CAM loss so
 # heavily that the classifiers become accurate in the first few thousand iterations, and the
-# attention means something early. Consequence: the generator loss starts near 1e3 (the CAM BCE is
-# ~1.4 per direction at initialisation). That is expected, not divergence.
+# attention means something early. Consequence: the generator loss starts at several thousand
+# (measured 3.4e3 to 6.0e3 at the first iteration, over 3 seeds at each of 3 sizes and widths),
+# almost all of it the CAM term: four BCEs of about 1 each at initialisation, weighted 1000. That
+# is expected, not divergence; `bench --balance` shows each term's pull on the generators.
 
 @dataclass(frozen=True)
 class LossWeights:
@@ -1277,7 +1329,8 @@ def train(cfg: Config, checkpoint: dict | None = None) -> Path:
     procs.start(device)
     say = print if procs.main else (lambda *args, **kwargs: None)           # rank 0 alone speaks and writes
     nets, vgg, opt_G, opt_D, autocast, fast = build_networks(cfg, device, say)   # 8.5
-    selfreg = AdaptiveWeight(cfg.w_selfreg, cfg.selfreg_target, device) if cfg.selfreg_target > 0 else None
+    selfreg = (AdaptiveWeight(cfg.w_selfreg, cfg.selfreg_target, n_terms=8 if cfg.attention != "none" else 4,
+                              device=device) if cfg.selfreg_target > 0 else None)
     start = restore(checkpoint, nets, opt_G, opt_D, selfreg, cfg, procs, say) if checkpoint else 0  # 8.6
     procs.broadcast(nets)                                                    # every rank starts equal
     if cfg.compile:
@@ -1287,7 +1340,7 @@ def train(cfg: Config, checkpoint: dict | None = None) -> Path:
     batches = training_batches(data, cfg.batch, start, cfg.iters, workers, procs.world, procs.rank,
                                pin_memory=device.type == "cuda")             # the workers start here
     run = RunFolder(cfg, start, procs, device, say)                          # 8.7: config.json, log.csv, ...
-    run.announce(fast, workers, data)
+    run.announce(fast, autocast, workers, data)
     weights = cfg.loss_weights()
     try:
         with StopOnSignal() as stop:                                         # 8.8
@@ -1302,13 +1355,15 @@ def train(cfg: Config, checkpoint: dict | None = None) -> Path:
                 w = selfreg.weights(weights) if selfreg else weights
                 losses = train_step(nets, vgg, opt_G, opt_D, x_a, x_b, w, cfg.gan_loss, autocast, procs.sync)
                 if selfreg:
-                    selfreg.update(procs.mean(losses["adv"]))
+                    selfreg.update(procs.mean(losses["adv"]), iteration)
                 # 3. Watch it: a NaN stops the run before it reaches a checkpoint; then the progress
                 #    line, a log.csv row, the sample grids and the run page, each when due.
                 run.report_unreadable(skipped)
                 stacked = torch.stack([losses[k] for k in LOGGED])              # (len(LOGGED),)
                 run.check_finite(iteration, stacked)
-                run.report(iteration, lr, stacked)
+                run.report(iteration, lr, stacked, w.selfreg)
+                if selfreg and run.log_due(iteration):
+                    selfreg.report(iteration, run.say)
                 if iteration % cfg.sample_every == 0 or iteration == cfg.iters:
                     run.write_samples(iteration, nets)
                 # 4. Checkpoint, or stop on a signal (which may also have come while sampling).
@@ -1338,25 +1393,50 @@ def learning_rate(step: int, cfg: Config) -> float:
 
 
 class AdaptiveWeight:
-    """SAT's adaptive weight induction (§3.2): the self-regularisation weight λ starts at 0 and
-    rises (by a thousandth of its maximum per iteration) while the generators' adversarial loss
-    stays below `target`; from the first iteration it passes the target, λ is held. The
-    adversarial loss is smoothed (exponential average over ~100 iterations), and everything stays
-    on the device: no iteration waits for the GPU to report it."""
+    """SAT's adaptive weight induction (§3.2). The self-regularisation weight λ is 0 for the first
+    `warmup` iterations: the generators learn under the other terms alone, and D learns to tell
+    their fakes apart. Then λ rises by a thousandth of its maximum per iteration. That pulls each
+    G(x) towards its input x, away from the target domain, which makes the fakes easier for D to
+    spot: the generators' adversarial loss goes up. From the first iteration that loss passes
+    `target`, λ is held where it is.
 
-    def __init__(self, maximum: float, target: float, device: torch.device):
-        self.maximum, self.target = maximum, target
-        self.state = torch.tensor([0.0, 0.0, 0.0], device=device)  # λ, smoothed L_adv, held (0 or 1)
+    The loss compared with the target is the *mean* of the generators' adversarial terms: L_adv
+    divided by the number of logits it sums (`n_terms`: 8 = 4 Ds × (patch + class), or 4 without
+    class logits), smoothed over ~100 iterations. On that scale least squares reads 0 where D is
+    fooled, 0.25 where D answers 0.5 for every fake and 1 where D is sure they are fake (BCE: 0.69
+    at D(G(x)) = 0.5). At initialisation, before D has learnt anything, it is about 1: that is why
+    nothing is compared during the warm-up. Everything stays on the device: no iteration waits
+    for the GPU to report it."""
+
+    WARMUP = 1000  # iterations with λ = 0
+
+    def __init__(self, maximum: float, target: float, n_terms: int, device: torch.device, warmup: int | None = None):
+        self.maximum, self.target, self.n_terms = maximum, target, n_terms
+        self.warmup = self.WARMUP if warmup is None else warmup
+        self.state = torch.tensor([0.0, 0.0, 0.0], device=device)  # λ, smoothed mean L_adv, held (0 or 1)
+        self.announced = False
 
     def weights(self, w: LossWeights) -> LossWeights:
         return dataclasses.replace(w, selfreg=self.state[0])
 
-    def update(self, adv_loss: torch.Tensor):
+    def update(self, adv_loss: torch.Tensor, iteration: int):
+        """After `iteration` (counted from 1), whose adversarial loss L_adv was `adv_loss`."""
         lam, smooth, held = self.state
-        smooth = torch.where(smooth == 0, adv_loss, 0.99 * smooth + 0.01 * adv_loss)
-        held = torch.maximum(held, (smooth > self.target).float())
-        lam = torch.where(held > 0, lam, torch.clamp(lam + self.maximum / 1000, max=self.maximum))
+        mean = adv_loss / self.n_terms
+        smooth = torch.where(smooth == 0, mean, 0.99 * smooth + 0.01 * mean)
+        if iteration > self.warmup:
+            held = torch.maximum(held, (smooth > self.target).float())
+            lam = torch.where(held > 0, lam, torch.clamp(lam + self.maximum / 1000, max=self.maximum))
         self.state = torch.stack([lam, smooth, held])
+
+    def report(self, iteration: int, say=print):
+        """Say once, when it happens, that λ is now held (this reads the state: call it rarely)."""
+        lam, smooth, held = self.state.tolist()
+        if held and not self.announced:
+            say(f"SAT: the self-regularisation weight is held at {lam:.4g} from iteration {iteration} or "
+                f"shortly before (smoothed mean adversarial loss {smooth:.3g} > --selfreg-target "
+                f"{self.target:g})", flush=True)
+            self.announced = True
 
 
 # --- 8.5 Networks, optimizers and devices -------------------------------------------------------
@@ -1411,13 +1491,31 @@ def place_networks(nets: nn.Module, vgg: VGGFeatures | None, device: torch.devic
     Returns (nets, vgg, the autocast context of the training step)."""
     nets = nets.to(device)
     vgg = vgg.to(device) if vgg is not None else None
+    autocast = cuda_precision(device, fast) if device.type == "cuda" else nullcontext()
     if not fast:
-        return nets, vgg, nullcontext()
+        return nets, vgg, autocast
     nets = nets.to(memory_format=torch.channels_last)
     vgg = vgg.to(memory_format=torch.channels_last) if vgg is not None else None
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-    return nets, vgg, torch.autocast(device.type, dtype=torch.bfloat16)
+    if device.type != "cuda":
+        autocast = torch.autocast(device.type, dtype=torch.bfloat16)
+    return nets, vgg, autocast
+
+
+def cuda_precision(device: torch.device, fast: bool):
+    """The numerics of a CUDA run; returns the step's autocast context.
+    - TF32 off: cuDNN runs fp32 convolutions in TF32 (a 10-bit mantissa) by default on Ampere and
+      newer, so --no-fast (and bench's fp32 row) would not be fp32. On the fast path it changes
+      nothing (its convolutions are bf16) but for the fp32 Gram matrices, which stay fp32.
+    - bf16 autocast only on GPUs with native bf16 (compute capability 8.0, Ampere, and newer). Older
+      GPUs emulate it slowly, though torch.cuda.is_bf16_supported() may say yes: the fast path runs
+      in fp32 there (with channels_last and fused Adam). fp16 would need a gradient scaler.
+    - cudnn.benchmark on the fast path: the input size never changes, so timing once pays off."""
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.benchmark = fast
+    if fast and torch.cuda.get_device_capability(device) >= (8, 0):
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
 
 
 def to_device(x: torch.Tensor, device: torch.device, fast: bool) -> torch.Tensor:
@@ -1519,6 +1617,11 @@ def restore(ckpt: dict, nets: MAGAN, opt_G, opt_D, selfreg, cfg: Config, procs, 
     if selfreg is not None and ckpt.get("selfreg") is not None:
         selfreg.state = ckpt["selfreg"].to(selfreg.state.device)
     say(f"resuming {cfg.out} from iteration {start}", flush=True)
+    changed = [f"--{name.replace('_', '-')} {ckpt['config'][name]:g} -> {getattr(cfg, name):g}"
+               for name in ("lr", "beta1", "beta2", "weight_decay") if ckpt["config"].get(name, getattr(cfg, name))
+               != getattr(cfg, name)]
+    if changed:
+        say(f"note: Adam's settings change from here on: {', '.join(changed)}", flush=True)
     before = ckpt["config"]["iters"]
     if before != cfg.iters:
         old, new = learning_rate(start, config_from_checkpoint(ckpt)), learning_rate(start, cfg)
@@ -1566,15 +1669,17 @@ def optimizer_state(opt: torch.optim.Optimizer) -> dict:
 
 
 def load_optimizer_state(opt: torch.optim.Optimizer, state: dict):
-    """Load a state saved by any run (either path, any device) into this run's optimizer: this run's
-    kernel flags stay, and each moment takes its parameter's device, dtype and memory layout.
-    (`load_state_dict` alone would restore the saved run's flags and layouts.)"""
-    own_flags = [{flag: group[flag] for flag in KERNEL_FLAGS if flag in group} for group in opt.param_groups]
+    """Load a state saved by any run (either path, any device) into this run's optimizer: what Adam
+    has learnt (its moments and step counts) comes from the checkpoint; how it runs (this run's
+    betas, weight decay and kernel flags: --beta1 given at --resume applies) stays, and each moment
+    takes its parameter's device, dtype and memory layout. (`load_state_dict` alone would restore
+    the saved run's settings, flags and layouts.)"""
+    own = [{key: value for key, value in group.items() if key != "params"} for group in opt.param_groups]
     opt.load_state_dict(state)
-    for group, flags in zip(opt.param_groups, own_flags):
+    for group, settings in zip(opt.param_groups, own):
         for flag in KERNEL_FLAGS:
             group.pop(flag, None)
-        group.update(flags)
+        group.update(settings)
         on_device = bool(group.get("fused") or group.get("capturable"))
         for p in group["params"]:
             for key, value in opt.state.get(p, {}).items():
@@ -1662,7 +1767,7 @@ def export_generators(ckpt_path: str | Path, out: str | Path) -> Path:
 
 # --- 8.7 What the user sees: the run folder, progress, log, sample grids ------------------------
 
-LOG_COLUMNS = ["iteration", "elapsed_s", "it_per_s", "lr", *LOGGED]
+LOG_COLUMNS = ["iteration", "elapsed_s", "it_per_s", "lr", *LOGGED, "w_selfreg"]  # w_selfreg: SAT's λ
 
 
 class RunFolder:
@@ -1688,14 +1793,14 @@ class RunFolder:
         self.log_file, self.log = open_log(self.folder / "log.csv", start)
         self.tensorboard = open_tensorboard(self.folder) if cfg.tensorboard else None
 
-    def announce(self, fast: bool, workers: int, data: UnpairedImages):
+    def announce(self, fast: bool, autocast, workers: int, data: UnpairedImages):
         cfg, procs = self.cfg, self.procs
-        path = "bf16 fast path" if fast else "fp32"
+        path = "bf16 fast path" if isinstance(autocast, torch.autocast) else "fp32" + (" fast path" if fast else "")
         where = f"{procs.world} processes on {self.device.type}" if procs.world > 1 else str(self.device)
         self.say(f"training {cfg.iters} iterations on {where} ({path}), {workers} data worker(s); "
                  f"{len(data.files[0])} + {len(data.files[1])} images; run folder {self.folder}\n"
-                 f"(the G loss starts near 1e3 because the CAM term is weighted {cfg.w_cam:g}; see it all in "
-                 f"{self.folder / 'index.html'})", flush=True)
+                 f"(the G loss starts at several thousand because the CAM term is weighted {cfg.w_cam:g}; see "
+                 f"it all in {self.folder / 'index.html'})", flush=True)
         if self.device.type == "cpu" and cfg.size >= 128:
             self.say("note: on a CPU an iteration at this size takes many seconds; `python magan.py train` "
                      "with no data flags runs a small demo instead", flush=True)
@@ -1734,19 +1839,20 @@ class RunFolder:
         cfg = self.cfg
         return iteration % cfg.save_every == 0 or iteration % cfg.snapshot_every == 0 or iteration == cfg.iters
 
-    def report(self, iteration: int, lr: float, stacked: torch.Tensor):
+    def report(self, iteration: int, lr: float, stacked: torch.Tensor, w_selfreg=0.0):
         """The progress line (when due) and, every --log-every iterations, a log.csv row of the
-        losses (`stacked`, in the order of LOGGED) averaged over the processes."""
+        losses (`stacked`, in the order of LOGGED) averaged over the processes, and the weight of
+        the self-regularisation (a tensor when SAT's adaptive weight sets it)."""
         logged = self.log_due(iteration)
         if not (logged or (self.procs.main and self.progress.due(iteration))):
             return
         if logged:
             stacked = self.procs.mean(stacked)  # every process takes part, at the same iterations
         values = dict(zip(LOGGED, stacked.tolist()))  # the only GPU sync of the iteration
-        speed = self.progress.report(iteration, lr, values)
+        speed = self.progress.report(iteration, lr, values, w_selfreg)
         if logged and self.procs.main:
             self.log.writerow([iteration, round(time.time() - self.progress.began, 2), round(speed, 4), lr]
-                              + [values[k] for k in LOGGED])
+                              + [values[k] for k in LOGGED] + [float(w_selfreg)])
             self.log_file.flush()
             if self.tensorboard is not None:
                 for name, value in values.items():
@@ -1811,7 +1917,7 @@ class Progress:
     def eta(self, iteration: int) -> str:
         return format_seconds((self.cfg.iters - iteration) / max(self.speed, 1e-9))
 
-    def report(self, iteration: int, lr: float, values: dict[str, float]) -> float:
+    def report(self, iteration: int, lr: float, values: dict[str, float], w_selfreg=0.0) -> float:
         """Print the line for this iteration; returns the speed (it/s) since the last report."""
         now = time.time()
         self.speed = (iteration - self.last_iteration) / max(now - self.last_time, 1e-9)
@@ -1819,6 +1925,8 @@ class Progress:
         weights = self.cfg.loss_weights()
         terms = "  ".join(f"{k} {values[k]:.4g}" for k in LOSS_TERMS if weights.on(k))
         first = f" (first iteration: {1 / self.speed:.1f} s)" if iteration == self.start + 1 else ""
+        if torch.is_tensor(w_selfreg):  # SAT's adaptive weight
+            first = f"  (SAT's weight {float(w_selfreg):.3g})" + first
         self.say(f"[{iteration:>{len(str(self.cfg.iters))}}/{self.cfg.iters}] {self.speed:6.2f} it/s  "
                  f"ETA {self.eta(iteration)}  lr {lr:.2e}  D {values['D']:.4g}  G {values['G']:.4g} = "
                  f"{terms}{first}", flush=True)
@@ -1921,27 +2029,60 @@ def load_generator(path: str | Path, direction: str, device: torch.device) -> tu
     return G.to(device).eval(), cfg
 
 
-def destinations(input_path: Path, out: Path) -> tuple[list[Path], list[Path]]:
-    """The input files and where each translation goes: OUT/NAME for every image of a folder (the
-    same file names, what a KID tool expects), or OUT itself for one image when OUT names an image."""
+def destinations(input_path: Path, out: Path, keep_format: bool = False) -> tuple[list[Path], list[Path]]:
+    """The input files and where each translation goes. For a folder: OUT/STEM.png for each image
+    (lossless, so that KID scores the translation itself rather than a re-encoded copy; with
+    `keep_format`, OUT/NAME in the input's own format). For one image: OUT itself when OUT names
+    an image file, else OUT/STEM.png. Every way of pointing --input or --out at the wrong thing is
+    a MaganError that says what to pass."""
+    if not input_path.exists():
+        raise MaganError(f"--input {input_path} does not exist (pass an image or a folder of images)")
+    if out.exists() and not out.is_dir() and not (input_path.is_file() and out.suffix.lower() in IMAGE_SUFFIXES):
+        raise MaganError(f"--out {out} is an existing file, not a folder: pass a folder for the translations"
+                         + ("" if input_path.is_dir() else " (or a new image name such as out.png)"))
+    def name_of(path: Path, taken: dict) -> str:
+        if keep_format:
+            return path.name
+        return f"{path.stem}.png" if taken[path.stem] == 1 else f"{path.stem}_{path.suffix[1:]}.png"
     if input_path.is_file():
-        if out.suffix.lower() in IMAGE_SUFFIXES:
+        if out.suffix.lower() in IMAGE_SUFFIXES and not out.is_dir():
+            if out.resolve() == input_path.resolve():
+                raise MaganError(f"--out {out} is the input image: the translation would overwrite it")
             return [input_path], [out]
-        return [input_path], [out / input_path.name]
+        return [input_path], [out / name_of(input_path, {input_path.stem: 1})]
+    if out.suffix.lower() in IMAGE_SUFFIXES and not out.exists():
+        raise MaganError(f"--input {input_path} is a folder, so --out must be a folder too, not the image "
+                         f"name {out.name}")
     if out.resolve() == input_path.resolve():
         raise MaganError(f"--out {out} is the input folder: the translations would overwrite the originals")
+    if looks_like_dataset_root(input_path):
+        raise MaganError(f"--input {input_path} is a dataset root: pass one of its folders, e.g. "
+                         f"{input_path / 'testA'}")
     files = list_images(input_path)
-    return files, [out / f.name for f in files]
+    stems = {}
+    for f in files:  # two inputs a.jpg and a.png would both become a.png: those keep their suffix
+        stems[f.stem] = stems.get(f.stem, 0) + 1
+    return files, [out / name_of(f, stems) for f in files]
+
+
+def upright_size(path: Path) -> tuple[int, int]:
+    """(width, height) of an image file as load_rgb shows it (EXIF orientation applied), read from
+    the header: a JPEG decoded at reduced scale (draft mode) keeps its full size here."""
+    with Image.open(path) as im:
+        width, height = im.size
+        turned = im.getexif().get(0x0112, 1) in (5, 6, 7, 8)  # EXIF orientations that swap the sides
+    return (height, width) if turned else (width, height)
 
 
 @torch.no_grad()
 def translate(ckpt: str | Path, input_path: str | Path, out: str | Path, direction: str = "a2b",
               heatmaps: bool = False, batch: int = 8, device: str = "auto", size: int | None = None,
-              keep_size: bool = True) -> list[Path]:
+              keep_size: bool = True, keep_format: bool = False) -> list[Path]:
     """Translate an image or every image of a folder (any size and mode). Each image is resized to
     the training size S (or `size`) where the generator works, and the translation resized back to
-    the input's own size and aspect ratio (`keep_size`; else it stays SxS). With `heatmaps`, the
-    attention heatmaps go to OUT/heatmaps/ and AGGAN's masks to OUT/masks/. Returns the written paths."""
+    the input's own size and aspect ratio (`keep_size`; else it stays SxS). Written as PNG under the
+    input's stem (`keep_format`: the input's name and format). With `heatmaps`, the attention
+    heatmaps go to OUT/heatmaps/ and AGGAN's masks to OUT/masks/. Returns the written paths."""
     device = pick_device(device)
     G, cfg = load_generator(ckpt, direction, device)
     size = size or cfg.size
@@ -1950,7 +2091,7 @@ def translate(ckpt: str | Path, input_path: str | Path, out: str | Path, directi
     if size != cfg.size and not cfg.light:
         raise MaganError(f"this is a full-mode model: it only translates at its training size {cfg.size} "
                          f"(its MLP reads the whole {cfg.size // 4}x{cfg.size // 4} attention map)")
-    files, targets = destinations(Path(input_path), Path(out))
+    files, targets = destinations(Path(input_path), Path(out), keep_format)
     target_of = dict(zip(files, targets))
     written, start = [], time.time()
     for first in range(0, len(files), batch):
@@ -1960,25 +2101,34 @@ def translate(ckpt: str | Path, input_path: str | Path, out: str | Path, directi
         x = torch.stack([to_tensor(im.resize((size, size), Image.Resampling.BILINEAR)) for _, im in chunk])
         result = G(x.to(device))                                 # image: (n, 3, S, S)
         colours = colorize(result.heatmap, size)                 # (n, 3, S, S)
-        for i, (path, im) in enumerate(chunk):
-            shape = im.size if keep_size else (size, size)
-            target = target_of[path]
-            target.parent.mkdir(parents=True, exist_ok=True)
-            translation = to_pil(result.image[i]).resize(shape, Image.Resampling.BICUBIC)
-            translation.save(target, quality=95)                 # quality: read for JPEG only
-            written.append(target)
+        for i, (path, _) in enumerate(chunk):
+            shape = upright_size(path) if keep_size else (size, size)
+            pictures = [("", result.image[i])]
             if heatmaps:
-                pictures = [("heatmaps", colours[i])] + ([("masks", result.mask[i].expand(3, -1, -1) * 2 - 1)]
-                                                        if result.mask is not None else [])
-                for folder, picture in pictures:
-                    (target.parent / folder).mkdir(exist_ok=True)
-                    picture = to_pil(picture).resize(shape, Image.Resampling.BILINEAR)
-                    picture.save(target.parent / folder / (target.stem + ".png"))
+                pictures.append(("heatmaps", colours[i]))
+                if result.mask is not None:
+                    pictures.append(("masks", result.mask[i].expand(3, -1, -1) * 2 - 1))
+            written.append(save_translation(target_of[path], shape, pictures))
         done = min(first + batch, len(files))
         speed = done / max(time.time() - start, 1e-9)
         print(f"translated {done}/{len(files)} images ({speed:.1f} img/s)", flush=True)
+    if not written:
+        raise MaganError(f"no image of {input_path} could be decoded, so nothing was translated")
     return written
 
+
+def save_translation(target: Path, shape: tuple[int, int], pictures: list) -> Path:
+    """Write the translation (folder "") at `target` and the other pictures as TARGET's folder /
+    FOLDER / STEM.png, each resized to `shape`. An unwritable place is a MaganError."""
+    try:
+        for folder, picture in pictures:
+            path = target if not folder else target.parent / folder / (target.stem + ".png")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            resample = Image.Resampling.BICUBIC if not folder else Image.Resampling.BILINEAR
+            to_pil(picture).resize(shape, resample).save(path, quality=95)  # quality: read for JPEG only
+    except OSError as e:
+        raise MaganError(f"cannot write {target} ({first_line(e)}): pass another --out") from None
+    return target
 
 
 # =================================================================================================
@@ -2194,8 +2344,9 @@ def add_kid_flags(parser: argparse.ArgumentParser):
     parser.add_argument("--kid-batch", type=positive_int, default=50, help="images per Inception pass")
 
 
-# Only a benchmark's shape matters to `bench`: a run's folders, schedule and outputs do not.
-NOT_BENCH_FIELDS = ("data", "a", "b", "out", "iters", "workers", "log_every", "sample_every", "save_every",
+# `bench` takes the flags that shape an iteration (and the data, for --balance); a run's folder,
+# schedule and outputs do not matter to it.
+NOT_BENCH_FIELDS = ("out", "iters", "workers", "log_every", "sample_every", "save_every",
                     "snapshot_every", "n_samples", "tensorboard", "resume")
 
 
@@ -2216,6 +2367,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--heatmaps", action="store_true", help="also write attention heatmaps (and masks)")
     t.add_argument("--keep-size", action=argparse.BooleanOptionalAction, default=True,
                    help="write each translation at its input's size and aspect ratio (else SxS)")
+    t.add_argument("--keep-format", action="store_true",
+                   help="write each translation under its input's name and format (default: STEM.png, lossless)")
     t.add_argument("--size", type=image_size,
                    help="run the generator at this size (default: the training size; light mode only)")
     t.add_argument("--batch", type=positive_int, default=8, help="images per forward pass")
@@ -2232,10 +2385,14 @@ def build_parser() -> argparse.ArgumentParser:
     e = commands.add_parser("export", help="the generators and config of a checkpoint, for sharing")
     e.add_argument("--ckpt", required=True, help="a training checkpoint")
     e.add_argument("--out", required=True, help="the file to write, e.g. horse2zebra.pt")
-    b = commands.add_parser("bench", help="time full training iterations: fp32, fast path, peak memory")
+    b = commands.add_parser("bench", help="time full training iterations: fp32, fast path, peak memory; "
+                                          "--balance: each loss term's share of the generators' gradient")
     add_config_flags(b, skip=NOT_BENCH_FIELDS)
-    b.add_argument("--iters", type=positive_int, default=20, help="timed iterations (default: 20)")
+    b.add_argument("--iters", type=positive_int, default=20, help="timed (or, with --balance, measured) "
+                                                                 "iterations (default: 20)")
     b.add_argument("--warmup", type=positive_int, default=5, help="untimed iterations first (default: 5)")
+    b.add_argument("--balance", action="store_true", help="instead of timing: the gradient norm of each "
+                   "weighted term over the first iterations of a run on the data (default: the bundled data)")
     return parser
 
 
@@ -2268,6 +2425,11 @@ def train_command(args: argparse.Namespace):
     given = given_flags(args)
     if given.get("resume"):  # flags not given on the command line come from the checkpoint
         checkpoint = load_checkpoint(Path(given.get("out", Config.out)) / "checkpoints" / "latest.pt")
+        trained = checkpoint["config"].get("preset", "magan")
+        if given.get("preset", trained) != trained:
+            raise MaganError(f"--preset {given['preset']} at --resume: this run was trained with --preset "
+                             f"{trained}, and a preset sets the objective of a whole run. Drop --preset (single "
+                             f"--w-* flags do apply at --resume), or start a new run with another --out")
         train(config_from_checkpoint(checkpoint, **given), checkpoint)
         return
     cfg, note = make_config(given)
@@ -2278,7 +2440,16 @@ def train_command(args: argparse.Namespace):
 
 def bench_command(args: argparse.Namespace):
     given = given_flags(args)
-    bench(Config(**{**PRESETS[given.get("preset", "magan")], **given}), args.iters, args.warmup)
+    values = {**PRESETS[given.get("preset", "magan")], **given}
+    if not args.balance:
+        bench(Config(**values), args.iters, args.warmup)
+        return
+    if values.get("data"):
+        root_a, root_b = dataset_folders(values["data"])
+        values["a"], values["b"] = given.get("a", root_a), given.get("b", root_b)
+    else:  # the bundled data, for a domain not named
+        values["a"], values["b"] = given.get("a", DEMO["a"]), given.get("b", DEMO["b"])
+    balance(Config(**values), args.iters)
 
 
 def kid_args(args: argparse.Namespace) -> dict:
@@ -2300,7 +2471,7 @@ def main(argv: list[str] | None = None) -> int:
             train_command(args)
         elif args.command == "translate":
             translate(args.ckpt, args.input, args.out, args.direction, args.heatmaps, args.batch, args.device,
-                      args.size, args.keep_size)
+                      args.size, args.keep_size, args.keep_format)
             if args.kid_against:
                 kid_between_folders(args.kid_against, args.out, **kid_args(args))
         elif args.command == "kid":
@@ -2575,6 +2746,47 @@ def bench(cfg: Config, iters: int = 20, warmup: int = 5) -> list[dict]:
             " growth of the process's peak resident memory, cumulative over rows: a rough upper bound)")
     procs.finish()
     return rows
+
+
+def balance(cfg: Config, iters: int = 20) -> dict[str, float]:
+    """How much each weighted term λ_k L_k of L_G pulls on the generators, over the first `iters`
+    iterations of a run: ||∇_G λ_k L_k||, the norm of its gradient over all generator parameters,
+    averaged over the iterations; printed as a share of all the terms' norms and as a multiple of
+    the cycle term's. The run is real: its data, its VGG weights (--vgg-weights), D and G learning
+    as in `train` (fp32, one process). Returns the mean norm of each term."""
+    device = pick_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    vgg = load_vgg(cfg.vgg_weights) if needs_vgg(cfg) else None
+    nets, vgg, _ = place_networks(MAGAN(cfg), vgg, device, fast=False)
+    opt_G, opt_D = make_optimizers(nets, cfg)
+    data, w = UnpairedImages(cfg.a, cfg.b, cfg.size, cfg.seed), cfg.loss_weights()
+    params = [p for G in nets.generators() for p in G.parameters()]
+    norms = {term: [] for term in LOSS_TERMS if w.on(term)}
+    values = {term: [] for term in norms}
+    for k in range(iters):
+        x_a, x_b, _ = collate_pairs([data[k * cfg.batch + i] for i in range(cfg.batch)])
+        x_a, x_b = x_a.to(device), x_b.to(device)
+        t = translate_both_ways(nets, x_a, x_b)
+        for D in nets.discriminators():
+            D.requires_grad_(False)
+        terms = generator_terms(nets, vgg, x_a, x_b, t, w, cfg.gan_loss)
+        for term in norms:
+            weighted = getattr(w, term) * getattr(terms, term)
+            grads = torch.autograd.grad(weighted, params, retain_graph=True, allow_unused=True)
+            norms[term].append(torch.sqrt(sum(g.square().sum() for g in grads if g is not None)).item())
+            values[term].append(weighted.item())
+        train_step(nets, vgg, opt_G, opt_D, x_a, x_b, w, cfg.gan_loss)  # the run goes on
+        print(f"  balance: iteration {k + 1}/{iters}", flush=True)
+    mean = {term: sum(v) / len(v) for term, v in norms.items()}
+    total, cycle = sum(mean.values()), mean.get("cycle")
+    print(f"\nL_G's terms over the first {iters} iterations ({cfg.size} px, ch {cfg.ch}, attention "
+          f"{cfg.attention}, VGG {cfg.vgg_weights if vgg is not None else 'none'}, {cfg.a}):")
+    print(f"{'term':<10}{'weight':>8}{'λ·L (mean)':>13}{'|grad λ·L|':>13}{'share':>8}{'÷ cycle':>9}")
+    for term, norm in mean.items():
+        ratio = f"{norm / cycle:>8.2f}x" if cycle else f"{'':>9}"
+        print(f"{term:<10}{getattr(w, term):>8g}{sum(values[term]) / iters:>13.4g}{norm:>13.4g}"
+              f"{100 * norm / total:>7.1f}%{ratio}")
+    return mean
 
 
 # #################################################################################################

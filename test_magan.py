@@ -9,6 +9,7 @@ second call of the same code. Everything runs on CPU at 32-64 px with narrow net
 randomly initialised VGG: no download, no GPU."""
 
 import dataclasses
+import doctest
 import json
 import math
 import os
@@ -253,6 +254,27 @@ def test_sam_map_is_resized_in_eval_mode_only():
         module.train()(torch.randn(1, 4, 16, 16))  # training a resized copy would be silent damage
 
 
+def test_sam_map_resize_values_by_hand_and_the_forward_that_uses_them():
+    """A 2x2 SAM weight map [[0, 1], [2, 3]] on a 4x4 grid, bilinear with half-pixel centres
+    (each output pixel reads the input at (i + 0.5)/2 − 0.5, clamped to the edge), worked by hand;
+    then the attention's logit and maps at that size against the naive loop with that map."""
+    torch.manual_seed(0)
+    module = MultiAngleAttention(3, 2, "ma").eval()
+    with torch.no_grad():
+        module.fc["sam"].weight.copy_(torch.tensor([[0.0, 1.0, 2.0, 3.0]]))
+    by_hand = torch.tensor([[0.0, 0.25, 0.75, 1.0],
+                            [0.5, 0.75, 1.25, 1.5],
+                            [1.5, 1.75, 2.25, 2.5],
+                            [2.0, 2.25, 2.75, 3.0]])
+    assert torch.allclose(module.sam_weight_map(4, 4), by_hand)
+    theta = torch.randn(2, 3, 4, 4)
+    out = module(theta)
+    w = {name: module.fc[name].weight[0].detach() for name in ("gap", "gmp")}
+    logits, a = naive_attention(theta, w["gap"], w["gmp"], by_hand.flatten(), 2.0, module.conv1x1, slope=0.0)
+    assert torch.allclose(out.logits, logits.float(), rtol=1e-4, atol=1e-5)
+    assert torch.allclose(out.features, a, atol=1e-6)
+
+
 # =================================================================================================
 # Generator (MAGAN §2.1; U-GAT-IT appendix Table 4)
 # =================================================================================================
@@ -465,8 +487,11 @@ def test_gram_and_style_loss_by_hand():
     # M = F Fᵀ / (C·H·W) = [[1+4, 3+8], [3+8, 9+16]] / 4
     assert torch.allclose(gram_matrix(f), torch.tensor([[[5.0, 11.0], [11.0, 25.0]]]) / 4)
     g = torch.tensor([[1.0, 0.0], [0.0, 1.0]]).view(1, 2, 1, 2)  # M = I / 4
-    # mean |[[5, 11], [11, 25]] / 4 − I / 4| = (4 + 11 + 11 + 24) / 4 / 4
-    assert style_loss(f, g).item() == pytest.approx(50 / 16)
+    # Σ|[[5, 11], [11, 25]] / 4 − I / 4| = (4 + 11 + 11 + 24) / 4, relative to Σ|M_f| + Σ|M_g| = (52 + 2) / 4
+    assert style_loss(f, g).item() == pytest.approx(50 / 54)
+    # per sample, then the batch mean: a sample with 10x the activations weighs the same; scale-free
+    assert style_loss(torch.cat([f, 10 * f]), torch.cat([g, 10 * g])).item() == pytest.approx(50 / 54)
+    assert style_loss(3 * f, 3 * g).item() == pytest.approx(style_loss(f, g).item())
     torch.manual_seed(1)
     h = torch.randn(2, 3, 4, 5)
     m = gram_matrix(h)
@@ -479,10 +504,16 @@ def test_gram_and_style_loss_by_hand():
         assert gram_matrix(torch.randn(1, 8, 4, 4)).dtype == torch.float32
 
 
-def test_content_loss():
+def test_content_loss_is_an_l1_relative_to_the_features_size():
     x = torch.randn(2, 8, 3, 3)
     assert content_loss(x, x.clone()).item() == 0
-    assert content_loss(x, x + 0.5).item() == pytest.approx(0.5)
+    by_hand = sum(0.5 * 72 / (x[b].abs().sum() + (x[b] + 0.5).abs().sum()) for b in range(2)) / 2
+    assert content_loss(x, x + 0.5).item() == pytest.approx(by_hand.item())
+    # the size only scales the gradient: d/da Σ|a − b| / (Σ|a| + Σ|b|) with the sum held = sign(a − b) / size
+    a = torch.tensor([[1.0, -2.0]], requires_grad=True)
+    loss = magan.relative_l1(a, torch.zeros(1, 2))
+    loss.backward()
+    assert loss.item() == 1.0 and torch.allclose(a.grad, torch.tensor([[1 / 3, -1 / 3]]))
 
 
 def test_vgg_layers_are_the_relus_the_losses_name():
@@ -624,10 +655,12 @@ def test_training_step_losses_by_hand(tmp_path, gan_loss):
     with torch.no_grad():
         phi = {name: vgg(t) for name, t in dict(fake_ab=fake_ab, fake_ba=fake_ba, x_a=x_a, x_b=x_b,
                                                  rec_a=rec_a, rec_b=rec_b).items()}
-    style = ((gram_by_hand(phi["fake_ab"].relu4_4) - gram_by_hand(phi["x_b"].relu4_4)).abs().mean()  # MAGAN eq. 5
-             + (gram_by_hand(phi["fake_ba"].relu4_4) - gram_by_hand(phi["x_a"].relu4_4)).abs().mean())
-    content = ((phi["rec_a"].relu5_4 - phi["x_a"].relu5_4).abs().mean()                              # MAGAN eq. 6
-               + (phi["rec_b"].relu5_4 - phi["x_b"].relu5_4).abs().mean())
+    def relative(a, b):  # Σ|a − b| / (Σ|a| + Σ|b|) per sample, averaged over the batch
+        return sum((a[i] - b[i]).abs().sum() / (a[i].abs().sum() + b[i].abs().sum()) for i in range(len(a))) / len(a)
+    style = (relative(gram_by_hand(phi["fake_ab"].relu4_4), gram_by_hand(phi["x_b"].relu4_4))     # MAGAN eq. 5
+             + relative(gram_by_hand(phi["fake_ba"].relu4_4), gram_by_hand(phi["x_a"].relu4_4)))
+    content = (relative(phi["rec_a"].relu5_4, phi["x_a"].relu5_4)                                  # MAGAN eq. 6
+               + relative(phi["rec_b"].relu5_4, phi["x_b"].relu5_4))
     terms = dict(adv=g_adv, cycle=cycle, identity=identity, cam=cam, style=style, content=content)
     for name, value in terms.items():
         assert losses[name].item() == pytest.approx(value.item(), rel=1e-4, abs=1e-7), name
@@ -687,6 +720,28 @@ def test_zero_weight_switches_a_term_off(tmp_path):
     losses = magan.train_step(nets, vgg, opt_G, opt_D, x, x.flip(-1), cfg.loss_weights(), cfg.gan_loss, autocast)
     assert losses["style"] == 0 and losses["content"] == 0  # VGG not even run
     assert losses["G"].item() == pytest.approx(losses["adv"].item())  # only adversarial remains
+
+
+def test_adam_follows_the_paper():
+    """U-GAT-IT appendix B.2, for the generators and the discriminators alike: Adam with lr 1e-4,
+    β = (0.5, 0.999) and weight decay 1e-4, each step as computed by hand with those numbers."""
+    torch.manual_seed(0)
+    cfg = Config(size=32, ch=4, n_res=1)
+    nets = MAGAN(cfg)
+    opt_G, opt_D = magan.make_optimizers(nets, cfg)
+    for opt, networks in ((opt_G, nets.generators()), (opt_D, nets.discriminators())):
+        assert {id(p) for g in opt.param_groups for p in g["params"]} == {id(p) for n in networks for p in n.parameters()}
+        p, others = opt.param_groups[0]["params"][0], [q for g in opt.param_groups for q in g["params"]][1:]
+        x, m, v = p.detach().clone(), torch.zeros_like(p), torch.zeros_like(p)
+        for t in (1, 2):  # two steps: the first is ±lr whatever β is (the bias corrections cancel)
+            p.grad = torch.randn_like(p)
+            for q in others:
+                q.grad = None
+            opt.step()
+            g = p.grad + 1e-4 * x                                # L2 weight decay, as torch.optim.Adam
+            m, v = 0.5 * m + 0.5 * g, 0.999 * v + 0.001 * g * g
+            x = x - 1e-4 * (m / (1 - 0.5 ** t)) / ((v / (1 - 0.999 ** t)).sqrt() + 1e-8)
+            assert torch.allclose(p.detach(), x, rtol=1e-5, atol=1e-8), t
 
 
 def test_learning_rate_schedule():
@@ -794,19 +849,34 @@ def test_a_new_weight_at_zero_switches_its_term_off(tmp_path, monkeypatch, term)
 
 
 def test_adaptive_self_regularisation_weight_by_hand():
-    """SAT: λ rises from 0 (a thousandth of the maximum per step) while the smoothed adversarial loss
-    is below the target, and is held from the step it passes it."""
-    cfg = Config(w_selfreg=2.0, selfreg_target=0.5)
-    weight = magan.AdaptiveWeight(cfg.w_selfreg, cfg.selfreg_target, torch.device("cpu"))
+    """SAT: λ is 0 during the warm-up, then rises (a thousandth of the maximum per step) while the
+    smoothed *mean* adversarial term is below the target, and is held from the step it passes it.
+    The inputs are on the scale L_adv really has: 8 least-squares terms of about 1 each before D
+    has learnt anything (L_adv ≈ 9), about 0.35 each once it has (README: --selfreg-target 0.5)."""
+    weight = magan.AdaptiveWeight(maximum=2.0, target=0.5, n_terms=8, device=torch.device("cpu"), warmup=200)
+    w = Config().loss_weights()
     smooth, lam, held, seen = 0.0, 0.0, False, []
-    for adv in [0.3] * 5 + [2.0] * 60 + [0.1] * 5:
-        seen.append(weight.weights(cfg.loss_weights()).selfreg.item())
-        weight.update(torch.tensor(adv))
-        smooth = adv if smooth == 0 else 0.99 * smooth + 0.01 * adv
-        held = held or smooth > 0.5
-        lam = lam if held else min(lam + 2.0 / 1000, 2.0)
-        assert weight.state[0].item() == pytest.approx(lam, abs=1e-6)
-    assert seen[0] == 0 and held and seen[-1] == pytest.approx(lam) and 0 < lam < 0.2
+    for iteration, adv in enumerate([9.0] * 20 + [2.8] * 300 + [6.0] * 200 + [1.0] * 10, start=1):
+        seen.append(weight.weights(w).selfreg.item())
+        weight.update(torch.tensor(adv), iteration)
+        smooth = adv / 8 if smooth == 0 else 0.99 * smooth + 0.01 * adv / 8
+        if iteration > 200:
+            held = held or smooth > 0.5
+            lam = lam if held else min(lam + 2.0 / 1000, 2.0)
+        assert weight.state[0].item() == pytest.approx(lam, abs=1e-5), iteration
+    assert seen[:201] == [0.0] * 201         # nothing during the warm-up, though L_adv ≈ 9 > 0.5 at first
+    assert seen[300] > 0 and held and seen[-1] == pytest.approx(lam, abs=1e-5) and 0.1 < lam < 2.0
+
+
+def test_adaptive_weight_rises_in_a_real_run_and_is_logged(tmp_path, monkeypatch):
+    """With the README's flags, λ leaves 0 after the warm-up and log.csv shows it."""
+    monkeypatch.setattr(magan.AdaptiveWeight, "WARMUP", 2)
+    run = magan.train(tiny_config(tmp_path, iters=6, log_every=1, sample_every=100, save_every=100,
+                                  w_selfreg=1.0, selfreg_target=5.0))
+    rows = (run / "log.csv").read_text().splitlines()
+    assert rows[0].endswith(",w_selfreg")
+    lam = [float(row.split(",")[-1]) for row in rows[1:]]
+    assert lam == pytest.approx([0, 0, 0, 0.001, 0.002, 0.003], abs=1e-6)  # the weight each iteration used
 
 
 def test_ugatit_preset_resolves_to_its_flags_and_explicit_flags_win(tmp_path):
@@ -894,6 +964,28 @@ def test_each_epoch_visits_every_image_once_in_a_fresh_order(tmp_path):
             assert sorted(epoch) == list(range(n))  # each image once per epoch
         assert len({tuple(o) for o in orders[domain]}) == 3  # a new order every epoch
     assert orders[0] != orders[1]  # the two domains are shuffled independently: unpaired
+
+
+def test_the_seed_sets_the_image_order_and_the_domains_draw_their_own_augmentation(tmp_path, monkeypatch):
+    """The order in which each domain's images come depends on the seed; and domain A's flip and
+    crop are drawn independently of domain B's, even for the same image (else they are paired)."""
+    n = 7
+    folder = solid_folder(tmp_path / "solid", n)
+    which = lambda x: round(magan.to_pil(x).getpixel((5, 5))[0] / 30)  # a solid colour survives flip and crop
+    orders = [[which(magan.UnpairedImages(folder, folder, 32, seed)[k][0]) for k in range(2 * n)] for seed in (0, 1)]
+    assert orders[0] != orders[1]
+    one = tmp_path / "one"
+    one.mkdir()
+    gradient_image(90, 70).save(one / "image.png")
+    data = magan.UnpairedImages(one, one, 32, seed=0)
+    pairs = [(magan.to_pil(data[k][0]).tobytes(), magan.to_pil(data[k][1]).tobytes()) for k in range(100)]
+    assert sum(a == b for a, b in pairs) < 10  # 961 offsets x 2 flips: the same draw twice is rare
+    seeds = []  # and train() builds its data with --seed
+    original = magan.UnpairedImages.__init__
+    monkeypatch.setattr(magan.UnpairedImages, "__init__",
+                        lambda self, a, b, size, seed: (seeds.append(seed), original(self, a, b, size, seed))[1])
+    magan.train(tiny_config(tmp_path, iters=1, seed=7, sample_every=100))
+    assert seeds == [7]
 
 
 def test_samples_are_a_pure_function_of_seed_and_index():
@@ -1038,13 +1130,14 @@ def test_resume_gives_identical_weights(tmp_path):
     assert logged == [2, 4]  # the stale row 3 was dropped on resume; nothing is logged twice
 
 
-def test_resume_keeps_sats_adaptive_weight(tmp_path):
+def test_resume_keeps_sats_adaptive_weight(tmp_path, monkeypatch):
+    monkeypatch.setattr(magan.AdaptiveWeight, "WARMUP", 1)
     options = dict(w_selfreg=1.0, selfreg_target=100.0, save_every=2, snapshot_every=100, sample_every=100)
     straight = magan.train(tiny_config(tmp_path / "a", iters=4, **options))
     magan.train(tiny_config(tmp_path / "b", iters=2, **options))
     resumed = magan.train(tiny_config(tmp_path / "b", iters=4, resume=True, **options))
     one, two = state_of(straight), state_of(resumed)
-    assert one["selfreg"][0] == pytest.approx(4 * 1.0 / 1000)  # λ rose by w/1000 per iteration, never held
+    assert one["selfreg"][0] == pytest.approx(3 * 1.0 / 1000)  # λ rose by w/1000 after the warm-up, never held
     assert torch.equal(one["selfreg"], two["selfreg"])
     assert all(torch.equal(v, two["nets"]["G_ab"][k]) for k, v in one["nets"]["G_ab"].items())
 
@@ -1216,28 +1309,67 @@ def test_translate_writes_one_file_per_input(trained_run, tmp_path):
     Image.new("RGBA", (40, 70), (255, 0, 0, 100)).save(inputs / "alpha.png")  # transparency
     Image.new("P", (33, 33)).save(inputs / "palette.gif")
     Image.open(DATA / "testA" / "0000.jpg").save(inputs / "photo.jpg")
+    Image.open(DATA / "testA" / "0001.jpg").save(inputs / "photo.png")      # the same stem as photo.jpg
     out = tmp_path / "out"
     written = magan.translate(trained_run / "checkpoints" / "latest.pt", inputs, out, "b2a", heatmaps=True,
                               batch=3, device="cpu", keep_size=False)
-    names = sorted(p.name for p in written)
-    assert names == sorted(["grey.png", "alpha.png", "palette.gif", "photo.jpg"])
+    names = sorted(p.name for p in written)  # lossless PNG under each input's stem; a shared stem keeps its suffix
+    assert names == sorted(["grey.png", "alpha.png", "palette.png", "photo_jpg.png", "photo_png.png"])
     for name in names:
         im = Image.open(out / name)
-        assert im.size == (32, 32) and im.mode in ("RGB", "P")
+        assert im.size == (32, 32) and im.format == "PNG" and im.mode == "RGB"
         assert (out / "heatmaps" / (Path(name).stem + ".png")).is_file()
-    # the translation is the generator's output, pixel for pixel (up to 8-bit rounding)
+    # the translation is the generator's output, pixel for pixel (up to 8-bit rounding), for a JPEG too
     G, _ = magan.load_generator(trained_run / "checkpoints" / "latest.pt", "b2a", torch.device("cpu"))
-    x = magan.to_tensor(Image.new("RGB", (32, 32), (128, 128, 128)))
-    with torch.no_grad():
-        expected = G(x[None]).image[0].clamp(-1, 1).add(1).mul(127.5)
-    got = magan.to_tensor(Image.open(out / "grey.png").convert("RGB")).add(1).mul(127.5)
-    assert (got - expected).abs().max() <= 1.0
+    for source, written_as in (("grey.png", "grey.png"), ("photo.jpg", "photo_jpg.png")):
+        im = magan.load_rgb(inputs / source, 32).resize((32, 32), Image.Resampling.BILINEAR)  # as translate reads it
+        with torch.no_grad():
+            expected = G(magan.to_tensor(im)[None]).image[0].clamp(-1, 1).add(1).mul(127.5)
+        got = magan.to_tensor(Image.open(out / written_as)).add(1).mul(127.5)
+        assert (got - expected).abs().max() <= 1.0, source
+    kept = magan.translate(trained_run / "checkpoints" / "latest.pt", inputs, tmp_path / "kept", "b2a",
+                           device="cpu", keep_format=True)
+    assert sorted(p.name for p in kept) == sorted(p.name for p in inputs.iterdir())
+    assert Image.open(tmp_path / "kept" / "photo.jpg").format == "JPEG"
+
+
+def test_translate_writes_a_large_jpeg_at_its_full_size(trained_run, tmp_path):
+    """A large JPEG is decoded at a reduced scale (draft mode), yet its translation has its size."""
+    big = gradient_image(1024, 768)
+    big.save(tmp_path / "big.jpg", quality=90)
+    rotated = Image.new("RGB", (600, 200), (90, 120, 30))
+    exif = rotated.getexif()
+    exif[0x0112] = 6  # "rotate 90°": a phone photo, upright 200 wide and 600 high
+    rotated.save(tmp_path / "phone.jpg", exif=exif)
+    for name, size in (("big", (1024, 768)), ("phone", (200, 600))):
+        written = magan.translate(trained_run / "checkpoints" / "latest.pt", tmp_path / f"{name}.jpg",
+                                  tmp_path / "out", device="cpu")
+        assert [p.name for p in written] == [f"{name}.png"] and Image.open(written[0]).size == size
+
+
+def test_translate_says_what_is_wrong_with_input_and_out(trained_run, tmp_path):
+    ckpt = trained_run / "checkpoints" / "latest.pt"
+    a_file = tmp_path / "taken.png"
+    Image.new("RGB", (8, 8)).save(a_file)
+    photo = tmp_path / "photo.jpg"
+    Image.open(DATA / "testA" / "0000.jpg").save(photo)
+    cases = [(DATA / "testA", a_file, "is an existing file, not a folder"),     # a folder into a file
+             (DATA / "testA", tmp_path / "zebras.png", "must be a folder too"),  # a folder into an image name
+             (tmp_path / "missing", tmp_path / "o", "does not exist"),
+             (photo, photo, "would overwrite it"),
+             (DATA, tmp_path / "o", "is a dataset root"),
+             (photo, a_file / "sub" / "x.png", "cannot write")]                 # a file where a folder must be
+    for input_path, out, message in cases:
+        with pytest.raises(MaganError, match=message):
+            magan.translate(ckpt, input_path, out, device="cpu")
+    code = magan.main(["translate", "--ckpt", str(ckpt), "--input", str(DATA / "testA"), "--out", str(a_file)])
+    assert code == 2  # a clear error, not a traceback (FileExistsError from mkdir, before)
 
 
 def test_translate_single_image_and_bad_checkpoint(trained_run, tmp_path):
     written = magan.translate(trained_run / "checkpoints" / "latest.pt", DATA / "testA" / "0001.jpg",
                               tmp_path / "one", device="cpu")
-    assert [p.name for p in written] == ["0001.jpg"]
+    assert [p.name for p in written] == ["0001.png"]
     with pytest.raises(MaganError, match="no checkpoint"):
         magan.translate(tmp_path / "missing.pt", DATA / "testA", tmp_path / "x", device="cpu")
     foreign = tmp_path / "foreign.pt"
@@ -1249,7 +1381,7 @@ def test_translate_single_image_and_bad_checkpoint(trained_run, tmp_path):
 def test_translate_at_another_size(trained_run, tmp_path):
     written = magan.translate(trained_run / "checkpoints" / "latest.pt", DATA / "testA" / "0001.jpg",
                               tmp_path / "big", device="cpu", size=64)  # light mode: SAM's map is resized
-    assert Image.open(written[0]).size == (64, 64)
+    assert Image.open(written[0]).size == Image.open(DATA / "testA" / "0001.jpg").size  # the input's own size
     with pytest.raises(MaganError, match="multiple of 32"):
         magan.translate(trained_run / "checkpoints" / "latest.pt", DATA / "testA", tmp_path / "x", device="cpu", size=48)
 
@@ -1392,7 +1524,7 @@ def test_translate_command_line_with_kid(trained_run, tmp_path, inception_weight
                "--protocol", "subsets", "--subsets", "3"]
     result = subprocess.run(command + ["--subset-size", "4"], capture_output=True, text=True, cwd=HERE, timeout=300)
     assert result.returncode == 0, result.stderr
-    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in inputs.iterdir())
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.stem + ".png" for p in inputs.iterdir())
     assert "translated 8/8" in result.stdout and "KID×100 = " in result.stdout and "3 subsets of 4" in result.stdout
     whole = subprocess.run(command + ["--subset-size", "8"], capture_output=True, text=True, cwd=HERE, timeout=300)
     assert whole.returncode == 2 and "±" in whole.stderr and "--subset-size 4" in whole.stderr
@@ -1421,6 +1553,14 @@ def test_kid_of_a_folder_with_nothing_decodable_is_a_clear_error(tmp_path, incep
 # =================================================================================================
 # Command line
 # =================================================================================================
+
+def test_the_docstring_examples_run_and_show_the_promised_shapes():
+    """The >>> examples of MultiAngleAttention, Generator, Discriminator and kid_from_features."""
+    results = doctest.testmod(magan, verbose=False)
+    examples = {name for name, test in ((t.name, t) for t in doctest.DocTestFinder().find(magan)) if test.examples}
+    assert {"magan.MultiAngleAttention", "magan.Generator", "magan.Discriminator", "magan.kid_from_features"} <= examples
+    assert results.failed == 0 and results.attempted >= 12
+
 
 def test_no_arguments_prints_help():
     result = subprocess.run([sys.executable, str(HERE / "magan.py")], capture_output=True, text=True, cwd=HERE)
@@ -1465,6 +1605,34 @@ def test_bench_runs_and_counts_parameters(capsys):
     assert "1M iterations" in out and "fp32" in out
 
 
+def test_bench_takes_the_preset_then_explicit_flags(monkeypatch):
+    seen = {}
+    monkeypatch.setattr(magan, "bench", lambda cfg, iters, warmup: seen.update(cfg=cfg, iters=iters))
+    assert magan.main(["bench", "--preset", "ugatit", "--attention", "ma", "--size", "32", "--iters", "3"]) == 0
+    cfg = seen["cfg"]
+    assert (cfg.attention, cfg.size, seen["iters"]) == ("ma", 32, 3)      # the explicit flags win
+    assert (cfg.w_style, cfg.w_content, cfg.vgg_weights) == (0.0, 0.0, "none")  # the rest is the preset's
+
+
+def test_cuda_numerics_are_fp32_without_the_fast_path_and_bf16_only_where_native(monkeypatch):
+    """No TF32 (cuDNN's default on Ampere and newer) in fp32 convolutions; bf16 autocast only on
+    GPUs with native bf16 (compute capability 8.0 and up), fp32 on older ones."""
+    import warnings
+    flags = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.benchmark)
+    try:
+        for capability, fast, bf16 in (((8, 0), True, True), ((9, 0), False, False), ((7, 5), True, False)):
+            monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+            torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # torch.autocast("cuda") on a machine without CUDA says so
+                autocast = magan.cuda_precision(torch.device("cuda"), fast)
+            assert isinstance(autocast, torch.autocast) == bf16, capability
+            assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
+            assert torch.backends.cudnn.benchmark == fast
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.benchmark = flags
+
+
 # =================================================================================================
 # A user's first hour: the demo, progress, --data, the run page, rough edges
 # =================================================================================================
@@ -1495,6 +1663,11 @@ def test_demo_command_trains_without_downloading(tmp_path):
 def test_data_root_and_the_mistakes_around_it(tmp_path):
     cfg, _ = magan.make_config({"data": str(DATA)})
     assert (cfg.a, cfg.b) == (str(DATA / "trainA"), str(DATA / "trainB"))
+    horses = solid_folder(tmp_path / "horses", 2)
+    for given, expected in (({"a": str(horses)}, (str(horses), str(DATA / "trainB"))),   # B from ROOT
+                            ({"b": str(horses)}, (str(DATA / "trainA"), str(horses)))):  # A from ROOT
+        cfg, _ = magan.make_config({"data": str(DATA), **given})
+        assert (cfg.a, cfg.b) == expected
     with pytest.raises(MaganError, match="pass --data"):
         magan.list_images(DATA)                       # a root passed where a domain folder is expected
     with pytest.raises(MaganError, match="expected the CycleGAN layout"):
@@ -1904,6 +2077,23 @@ def test_command_line_resume_takes_unrepeated_flags_from_the_checkpoint(trained_
     assert ckpt["iteration"] == 3
     assert (ckpt["config"]["size"], ckpt["config"]["ch"], ckpt["config"]["vgg_weights"]) == (32, 8, "random")
     assert "resuming" in capsys.readouterr().out
+
+
+def test_resume_applies_new_adam_settings_and_refuses_another_preset(trained_run, tmp_path, capsys):
+    import shutil
+    run = tmp_path / "copy"
+    shutil.copytree(trained_run, run)
+    assert magan.main(["train", "--out", str(run), "--resume", "--iters", "3", "--preset", "ugatit"]) == 2
+    assert "--preset ugatit at --resume" in capsys.readouterr().err
+    assert magan.main(["train", "--out", str(run), "--resume", "--iters", "3", "--beta1", "0.9", "--beta2", "0.99",
+                       "--weight-decay", "0"]) == 0
+    assert "--beta1 0.5 -> 0.9" in capsys.readouterr().out
+    ckpt = magan.load_checkpoint(run / "checkpoints" / "latest.pt")
+    for opt in ("opt_G", "opt_D"):  # what ran: the optimizers' own settings, saved with their state
+        group = ckpt[opt]["param_groups"][0]
+        assert tuple(group["betas"]) == (0.9, 0.99) and group["weight_decay"] == 0
+    config = json.loads((run / "config.json").read_text())
+    assert (config["beta1"], config["beta2"], config["weight_decay"]) == (0.9, 0.99, 0)
 
 
 def test_resume_of_a_finished_run_asks_for_more_iterations(trained_run):
