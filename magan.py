@@ -277,7 +277,7 @@ class MultiAngleAttention(nn.Module):
                 energy = energy.flatten(1)                             # (B, h·w)
                 energy = energy * torch.rsqrt(energy.square().mean(dim=1, keepdim=True) + 1e-12)
                 weight = self.sam_weight_map(h, w)                     # ω_γ: (h, w)
-                logits.append(energy @ weight.reshape(-1, 1))          # ξ_γ: (B, h·w) @ (h·w, 1) -> (B, 1)
+                logits.append(energy @ weight.reshape(-1, 1))          # ξ_γ: (B, h·w) @ (h·w, 1)
                 maps.append(theta * weight)                            # a_γ: (B, C, h, w)
         # MAGAN (1):  Γ(x) = Concat(ξ_α, ξ_β, ξ_γ). We keep U-GAT-IT's order, GAP before GMP:
         # (ξ_β, ξ_α, ξ_γ). Each logit gets the same loss, so the order changes nothing.
@@ -908,8 +908,8 @@ positive_float = checked(float, lambda v: math.isfinite(v) and v > 0, "must be a
 fraction = checked(float, lambda v: 0 <= v < 1, "must be in [0, 1)")
 sam_exponent = checked(float, lambda v: math.isfinite(v) and v >= 1, "must be at least 1: |θ|^p with p < 1 "
                        "has an infinite gradient where θ = 0, and ReLU features are often 0")
-device_name = checked(str, lambda v: v in ("auto", "cpu", "cuda") or (v.startswith("cuda:") and v[5:].isdigit()),
-                      "is not a device: use auto, cpu, cuda or cuda:N")
+device_name = checked(str, lambda v: v in ("auto", "cpu", "cuda") or (v.startswith("cuda:") and
+                      v[5:].isdigit()), "is not a device: use auto, cpu, cuda or cuda:N")
 
 
 def option(default, help: str, **argparse_kwargs):
@@ -939,7 +939,8 @@ class Config:
                                "--full is the paper's setting (flattened map, ~268M weights per generator "
                                "at 256 px)")
     attention: str = option("ma", "ma = GMP+GAP+SAM (MAGAN), cam = GMP+GAP (U-GAT-IT), sam = SAM only, "
-                                  "none: the ablations of MAGAN Table 4", choices=("ma", "cam", "sam", "none"))
+                                  "none: the ablations of MAGAN Table 4",
+                            choices=("ma", "cam", "sam", "none"))
     p_gen: float = option(2.0, "SAM exponent p >= 1 in the generators (MAGAN: 2; Table 5)", type=sam_exponent)
     p_dis: float = option(1.0, "SAM exponent p >= 1 in the discriminators (MAGAN: 1; Table 5)",
                           type=sam_exponent)
@@ -1109,6 +1110,17 @@ class MAGAN(nn.Module):
 # (measured 3.4e3 to 6.0e3 at the first iteration, over 3 seeds at each of 3 sizes and widths),
 # almost all of it the CAM term: four BCEs of about 1 each at initialisation, weighted 1000. That
 # is expected, not divergence; `bench --balance` shows each term's pull on the generators.
+#
+# One iteration, in the order of U-GAT-IT's code (and of CycleGAN's before it):
+#   1. translate: fake_ab = G_ab(x_a) and fake_ba = G_ba(x_b), with the identity passes G_ab(x_b)
+#      and G_ba(x_a) in the same batches;
+#   2. a D step: each D sees its domain's real images and the detached fakes made for it;
+#   3. a G step: with D frozen and just updated, the generators learn to fool it, to come back
+#      (cycle), to leave images of their target domain alone (identity) and to tell the domains
+#      apart in their attention (CAM);
+#   4. every ρ is clipped into [0, 1].
+# The fakes of step 1 serve both steps: they are computed once (U-GAT-IT's code computes them twice;
+# the generators have not changed in between, so the numbers are the same).
 
 @dataclass(frozen=True)
 class LossWeights:
@@ -1160,7 +1172,7 @@ def d_step(nets: MAGAN, x_a, x_b, t: Translations, opt_D, w: LossWeights, gan_lo
         for D, real, fake, mask in judges(nets, x_a, x_b, t):
             mask = None if mask is None else mask.detach()
             out = D(torch.cat([discriminator_input(real, mask), discriminator_input(fake.detach(), mask)]))
-            patch_real, patch_fake = out.patch.chunk(2)      # real and fake in one pass: (B, 1, h−1, w−1) each
+            patch_real, patch_fake = out.patch.chunk(2)      # one pass for both: (B, 1, h−1, w−1) each
             cls_real, cls_fake = out.logits.chunk(2)         # (B, n_angles) each
             l_adv = l_adv + adversarial_loss(patch_real, True, gan_loss) + adversarial_loss(patch_fake, False,
                                                                                             gan_loss)
@@ -1216,7 +1228,8 @@ def generator_terms(nets: MAGAN, vgg, x_a, x_b, t: Translations, w: LossWeights,
     l_adv = zero
     for D, _, fake, mask in judges(nets, x_a, x_b, t):        # MAGAN (4), G's side: fakes should
         out = D(discriminator_input(fake, mask))              # score "real", patch and class logits
-        l_adv = l_adv + adversarial_loss(out.patch, True, gan_loss) + adversarial_loss(out.logits, True, gan_loss)
+        l_adv = (l_adv + adversarial_loss(out.patch, True, gan_loss)
+                 + adversarial_loss(out.logits, True, gan_loss))
     # U-GAT-IT (3):  L_cycle = E_{x∼X_s}[|x − G_t→s(G_s→t(x))|₁]
     l_cycle = F.l1_loss(rec_a, x_a) + F.l1_loss(rec_b, x_b)
     # U-GAT-IT (4):  L_identity = E_{x∼X_t}[|x − G_s→t(x)|₁]
@@ -1333,9 +1346,6 @@ def train(cfg: Config, checkpoint: dict | None = None) -> Path:
                               device=device) if cfg.selfreg_target > 0 else None)
     start = restore(checkpoint, nets, opt_G, opt_D, selfreg, cfg, procs, say) if checkpoint else 0  # 8.6
     procs.broadcast(nets)                                                    # every rank starts equal
-    if cfg.compile:
-        for net in list(nets.children()) + ([vgg] if vgg is not None else []):
-            net.compile()  # in place: the state_dict keys stay the same
     workers = loader_workers(cfg.workers, procs.local_world, say)
     batches = training_batches(data, cfg.batch, start, cfg.iters, workers, procs.world, procs.rank,
                                pin_memory=device.type == "cuda")             # the workers start here
@@ -1361,9 +1371,7 @@ def train(cfg: Config, checkpoint: dict | None = None) -> Path:
                 run.report_unreadable(skipped)
                 stacked = torch.stack([losses[k] for k in LOGGED])              # (len(LOGGED),)
                 run.check_finite(iteration, stacked)
-                run.report(iteration, lr, stacked, w.selfreg)
-                if selfreg and run.log_due(iteration):
-                    selfreg.report(iteration, run.say)
+                run.report(iteration, lr, stacked, w.selfreg, selfreg)
                 if iteration % cfg.sample_every == 0 or iteration == cfg.iters:
                     run.write_samples(iteration, nets)
                 # 4. Checkpoint, or stop on a signal (which may also have come while sampling).
@@ -1410,7 +1418,8 @@ class AdaptiveWeight:
 
     WARMUP = 1000  # iterations with λ = 0
 
-    def __init__(self, maximum: float, target: float, n_terms: int, device: torch.device, warmup: int | None = None):
+    def __init__(self, maximum: float, target: float, n_terms: int, device: torch.device,
+                 warmup: int | None = None):
         self.maximum, self.target, self.n_terms = maximum, target, n_terms
         self.warmup = self.WARMUP if warmup is None else warmup
         self.state = torch.tensor([0.0, 0.0, 0.0], device=device)  # λ, smoothed mean L_adv, held (0 or 1)
@@ -1454,6 +1463,9 @@ def build_networks(cfg: Config, device: torch.device, say=print):
     fast = cfg.fast and device.type == "cuda"
     nets, vgg, autocast = place_networks(MAGAN(cfg), vgg, device, fast)
     opt_G, opt_D = make_optimizers(nets, cfg, fast)
+    if cfg.compile:  # lazily, at the first call: restoring a checkpoint after this is fine
+        for net in list(nets.children()) + ([vgg] if vgg is not None else []):
+            net.compile()  # in place: the state_dict keys stay the same
     return nets, vgg, opt_G, opt_D, autocast, fast
 
 
@@ -1617,9 +1629,10 @@ def restore(ckpt: dict, nets: MAGAN, opt_G, opt_D, selfreg, cfg: Config, procs, 
     if selfreg is not None and ckpt.get("selfreg") is not None:
         selfreg.state = ckpt["selfreg"].to(selfreg.state.device)
     say(f"resuming {cfg.out} from iteration {start}", flush=True)
-    changed = [f"--{name.replace('_', '-')} {ckpt['config'][name]:g} -> {getattr(cfg, name):g}"
-               for name in ("lr", "beta1", "beta2", "weight_decay") if ckpt["config"].get(name, getattr(cfg, name))
-               != getattr(cfg, name)]
+    adam = ("lr", "beta1", "beta2", "weight_decay")
+    saved = {name: ckpt["config"].get(name, getattr(cfg, name)) for name in adam}
+    changed = [f"--{name.replace('_', '-')} {value:g} -> {getattr(cfg, name):g}"
+               for name, value in saved.items() if value != getattr(cfg, name)]
     if changed:
         say(f"note: Adam's settings change from here on: {', '.join(changed)}", flush=True)
     before = ckpt["config"]["iters"]
@@ -1767,7 +1780,7 @@ def export_generators(ckpt_path: str | Path, out: str | Path) -> Path:
 
 # --- 8.7 What the user sees: the run folder, progress, log, sample grids ------------------------
 
-LOG_COLUMNS = ["iteration", "elapsed_s", "it_per_s", "lr", *LOGGED, "w_selfreg"]  # w_selfreg: SAT's λ
+LOG_COLUMNS = ["iteration", "elapsed_s", "it_per_s", "lr", *LOGGED, "w_selfreg"]  # SAT's λ, when adaptive
 
 
 class RunFolder:
@@ -1795,12 +1808,13 @@ class RunFolder:
 
     def announce(self, fast: bool, autocast, workers: int, data: UnpairedImages):
         cfg, procs = self.cfg, self.procs
-        path = "bf16 fast path" if isinstance(autocast, torch.autocast) else "fp32" + (" fast path" if fast else "")
+        path = "fp32 fast path" if fast else "fp32"
+        path = "bf16 fast path" if isinstance(autocast, torch.autocast) else path
         where = f"{procs.world} processes on {self.device.type}" if procs.world > 1 else str(self.device)
         self.say(f"training {cfg.iters} iterations on {where} ({path}), {workers} data worker(s); "
                  f"{len(data.files[0])} + {len(data.files[1])} images; run folder {self.folder}\n"
-                 f"(the G loss starts at several thousand because the CAM term is weighted {cfg.w_cam:g}; see "
-                 f"it all in {self.folder / 'index.html'})", flush=True)
+                 f"(the G loss starts at several thousand because the CAM term is weighted {cfg.w_cam:g}; "
+                 f"see it all in {self.folder / 'index.html'})", flush=True)
         if self.device.type == "cpu" and cfg.size >= 128:
             self.say("note: on a CPU an iteration at this size takes many seconds; `python magan.py train` "
                      "with no data flags runs a small demo instead", flush=True)
@@ -1837,15 +1851,18 @@ class RunFolder:
 
     def save_due(self, iteration: int) -> bool:
         cfg = self.cfg
-        return iteration % cfg.save_every == 0 or iteration % cfg.snapshot_every == 0 or iteration == cfg.iters
+        return (iteration % cfg.save_every == 0 or iteration % cfg.snapshot_every == 0
+                or iteration == cfg.iters)
 
-    def report(self, iteration: int, lr: float, stacked: torch.Tensor, w_selfreg=0.0):
+    def report(self, iteration: int, lr: float, stacked: torch.Tensor, w_selfreg=0.0, selfreg=None):
         """The progress line (when due) and, every --log-every iterations, a log.csv row of the
-        losses (`stacked`, in the order of LOGGED) averaged over the processes, and the weight of
-        the self-regularisation (a tensor when SAT's adaptive weight sets it)."""
+        losses (`stacked`, in the order of LOGGED) averaged over the processes, and the weight the
+        self-regularisation had in this iteration (SAT's adaptive λ when `selfreg` sets it)."""
         logged = self.log_due(iteration)
         if not (logged or (self.procs.main and self.progress.due(iteration))):
             return
+        if selfreg and logged:
+            selfreg.report(iteration, self.say)
         if logged:
             stacked = self.procs.mean(stacked)  # every process takes part, at the same iterations
         values = dict(zip(LOGGED, stacked.tolist()))  # the only GPU sync of the iteration
@@ -2037,7 +2054,8 @@ def destinations(input_path: Path, out: Path, keep_format: bool = False) -> tupl
     a MaganError that says what to pass."""
     if not input_path.exists():
         raise MaganError(f"--input {input_path} does not exist (pass an image or a folder of images)")
-    if out.exists() and not out.is_dir() and not (input_path.is_file() and out.suffix.lower() in IMAGE_SUFFIXES):
+    names_an_image = out.suffix.lower() in IMAGE_SUFFIXES
+    if out.exists() and not out.is_dir() and not (input_path.is_file() and names_an_image):
         raise MaganError(f"--out {out} is an existing file, not a folder: pass a folder for the translations"
                          + ("" if input_path.is_dir() else " (or a new image name such as out.png)"))
     def name_of(path: Path, taken: dict) -> str:
@@ -2045,12 +2063,12 @@ def destinations(input_path: Path, out: Path, keep_format: bool = False) -> tupl
             return path.name
         return f"{path.stem}.png" if taken[path.stem] == 1 else f"{path.stem}_{path.suffix[1:]}.png"
     if input_path.is_file():
-        if out.suffix.lower() in IMAGE_SUFFIXES and not out.is_dir():
+        if names_an_image and not out.is_dir():
             if out.resolve() == input_path.resolve():
                 raise MaganError(f"--out {out} is the input image: the translation would overwrite it")
             return [input_path], [out]
         return [input_path], [out / name_of(input_path, {input_path.stem: 1})]
-    if out.suffix.lower() in IMAGE_SUFFIXES and not out.exists():
+    if names_an_image and not out.exists():
         raise MaganError(f"--input {input_path} is a folder, so --out must be a folder too, not the image "
                          f"name {out.name}")
     if out.resolve() == input_path.resolve():
@@ -2368,7 +2386,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--keep-size", action=argparse.BooleanOptionalAction, default=True,
                    help="write each translation at its input's size and aspect ratio (else SxS)")
     t.add_argument("--keep-format", action="store_true",
-                   help="write each translation under its input's name and format (default: STEM.png, lossless)")
+                   help="write each translation under its input's name and format (default: STEM.png, "
+                        "lossless)")
     t.add_argument("--size", type=image_size,
                    help="run the generator at this size (default: the training size; light mode only)")
     t.add_argument("--batch", type=positive_int, default=8, help="images per forward pass")
@@ -2428,8 +2447,9 @@ def train_command(args: argparse.Namespace):
         trained = checkpoint["config"].get("preset", "magan")
         if given.get("preset", trained) != trained:
             raise MaganError(f"--preset {given['preset']} at --resume: this run was trained with --preset "
-                             f"{trained}, and a preset sets the objective of a whole run. Drop --preset (single "
-                             f"--w-* flags do apply at --resume), or start a new run with another --out")
+                             f"{trained}, and a preset sets the objective of a whole run. Drop --preset "
+                             f"(single --w-* flags do apply at --resume), or start a new run with another "
+                             f"--out")
         train(config_from_checkpoint(checkpoint, **given), checkpoint)
         return
     cfg, note = make_config(given)
@@ -2590,49 +2610,110 @@ class Processes:
 # Appendix B. The run page and TensorBoard
 # #################################################################################################
 
-def svg_chart(name: str, points: list[tuple[int, float]], width: int = 300, height: int = 120) -> str:
-    """An inline SVG line chart of (iteration, value) points, with the range printed beside it."""
+def nice_ticks(lo: float, hi: float, n: int = 5) -> list[float]:
+    """About n round numbers (1, 2 or 5 times a power of ten apart) from lo to hi, for an axis."""
+    raw = (hi - lo) / n if hi > lo else abs(hi) or 1.0
+    power = 10 ** math.floor(math.log10(raw))
+    step = next(m * power for m in (1, 2, 5, 10) if m * power >= raw)
+    first = math.ceil(lo / step - 1e-9) * step
+    return [first + i * step for i in range(int((hi - first) / step + 1e-9) + 1)]
+
+
+def tick_label(v: float) -> str:
+    return f"{v:,.0f}" if abs(v) >= 1000 else f"{v:.3g}"  # 4,000 rather than 4e+03
+
+
+def smoothed(values: list[float], span: int) -> list[float]:
+    """An exponential moving average over about `span` values, started at the first value."""
+    alpha, out = 2 / (span + 1), []
+    for v in values:
+        out.append(v if not out else out[-1] + alpha * (v - out[-1]))
+    return out
+
+
+def svg(tag: str, text: str = "", **attributes) -> str:
+    """One SVG element: svg("text", "hi", x=3, text_anchor="end") gives
+    <text x="3" text-anchor="end">hi</text>."""
+    attrs = " ".join(f'{key.replace("_", "-")}="{value}"' for key, value in attributes.items())
+    return f"<{tag} {attrs}>{html.escape(text)}</{tag}>"
+
+
+def svg_chart(name: str, points: list[tuple[int, float]], width: int = 360, height: int = 190) -> str:
+    """An inline SVG chart of one loss term against the iteration: axes with ticks and value labels,
+    the logged values in grey and their moving average in red. A term whose positive values span
+    more than two decades (L_G starts at several thousand, then falls) is drawn on a log scale."""
     if not points:
         return f'<p class="empty" data-term="{name}">{name}: no rows in log.csv yet</p>'
     xs, ys = [p[0] for p in points], [p[1] for p in points]
-    x0, x1 = min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1
-    y0, y1 = min(ys), max(ys) if max(ys) > min(ys) else min(ys) + 1
-    def at(x, y):  # data -> pixel coordinates, 5 px from the edges, y growing downwards
-        px = 5 + (x - x0) / (x1 - x0) * (width - 10)
-        py = height - 5 - (y - y0) / (y1 - y0) * (height - 10)
-        return f"{px:.1f},{py:.1f}"
-    coords = " ".join(at(x, y) for x, y in points)
-    return (f'<figure><svg width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img">'
-            f'<rect width="{width}" height="{height}" fill="#fafafa" stroke="#ccc"/>'
-            f'<polyline data-term="{name}" fill="none" stroke="#c33" stroke-width="1.5" '
-            f'points="{coords}"/></svg>'
-            f'<figcaption><b>{name}</b> {ys[-1]:.4g} (range {min(ys):.4g} to {max(ys):.4g}, '
-            f'iterations {xs[0]} to {xs[-1]})</figcaption></figure>')
+    log = min(ys) > 0 and max(ys) / min(ys) > 100
+    axis = math.log10 if log else (lambda v: v)             # a value -> its place on the y axis
+    x0, x1 = xs[0], max(xs[-1], xs[0] + 1)
+    y0, y1 = axis(min(ys)), axis(max(ys))
+    y0, y1 = (y0, y1) if y1 > y0 else (y0 - 0.5, y1 + 0.5)
+    left, right, top, bottom = 52, 10, 20, 30               # margins, room for the labels
+    def px(x):                                              # iteration -> pixel column
+        return round(left + (x - x0) / (x1 - x0) * (width - left - right), 1)
+    def py(y):                                              # axis value -> pixel row, upwards
+        return round(height - bottom - (y - y0) / (y1 - y0) * (height - top - bottom), 1)
+    parts = [svg("rect", x=left, y=top, width=width - left - right, height=height - top - bottom,
+                 fill="#fcfcfc", stroke="#bbb")]
+    y_ticks = [t for t in range(math.ceil(y0), math.floor(y1) + 1)] if log else nice_ticks(y0, y1, 4)
+    for t in y_ticks or [y0, y1]:
+        parts += [svg("line", x1=left, x2=width - right, y1=py(t), y2=py(t), stroke="#e4e4e4"),
+                  svg("text", tick_label(10 ** t if log else t), x=left - 4, y=py(t) + 4, text_anchor="end")]
+    for t in nice_ticks(x0, x1, 4):
+        parts += [svg("line", x1=px(t), x2=px(t), y1=height - bottom, y2=height - bottom + 4, stroke="#888"),
+                  svg("text", f"{t:g}", x=px(t), y=height - bottom + 16, text_anchor="middle")]
+    parts += [svg("text", name + (" (log scale)" if log else ""), x=left, y=13, font_weight="bold"),
+              svg("text", "iteration", x=width - right, y=height - 2, text_anchor="end", fill="#666")]
+    for values, colour, stroke, key in ((ys, "#bbb", 1, "data_raw"),
+                                        (smoothed(ys, max(1, len(ys) // 20)), "#c33", 1.8, "data_term")):
+        coords = " ".join(f"{px(x)},{py(axis(v))}" for x, v in zip(xs, values))
+        parts.append(svg("polyline", fill="none", points=coords, stroke=colour, stroke_width=stroke,
+                         **{key: name}))
+    return (f'<figure><svg width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img" '
+            f'font-size="11" font-family="sans-serif">{"".join(parts)}</svg><figcaption>last {ys[-1]:.4g}; '
+            f'range {min(ys):.4g} to {max(ys):.4g}, iterations {xs[0]} to {xs[-1]}</figcaption></figure>')
 
 
 def write_run_page(run: Path, cfg: Config, iteration: int, speed: float, eta: str):
-    """RUN/index.html: the config, where the run is, the latest sample grids and a chart of every
-    loss term from log.csv. A static page that any browser opens: no server, nothing to install.
-    It reloads itself every minute while open."""
+    """RUN/index.html: where the run is, the latest sample grids (large, newest first, with the
+    earlier ones below), a chart of every loss term from log.csv, and the config. A static page
+    that any browser opens: no server, nothing to install. It reloads itself every minute."""
     with open(run / "log.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     weights = cfg.loss_weights()
     series = ["D", "G"] + [t for t in LOSS_TERMS if weights.on(t)]
     charts = "".join(svg_chart(name, [(int(r["iteration"]), float(r[name])) for r in rows if r.get(name)])
                      for name in series)
-    columns = " | ".join(grid_columns(cfg.mask_fusion))
-    grids = "".join(f'<figure><img src="samples/{d}_{iteration:07d}.png" alt="{d} samples"><figcaption>'
-                    f'{label} at iteration {iteration}: one row per test image; columns: {columns}'
-                    f'</figcaption></figure>' for d, label in (("a2b", "A → B"), ("b2a", "B → A")))
+    columns = grid_columns(cfg.mask_fusion)
+    # Show each tile at 192 px or more: a 32-64 px sample at its own size is too small to judge.
+    shown = len(columns) * max(cfg.size, 192)
+    pixelated = "image-rendering:pixelated;" if cfg.size < 192 else ""
+    def grid(d, label, at, width):
+        return (f'<figure><img src="samples/{d}_{at:07d}.png" alt="{d} samples at iteration {at}" '
+                f'style="width:{width}px;max-width:100%;{pixelated}"><figcaption>{label} at iteration {at}: '
+                f'one row per test image; columns: {" | ".join(columns)}</figcaption></figure>')
+    directions = (("a2b", "A → B"), ("b2a", "B → A"))
+    latest = "".join(grid(d, label, iteration, shown) for d, label in directions)
+    earlier = sorted({int(p.stem.split("_")[1]) for p in (run / "samples").glob("a2b_*.png")} - {iteration},
+                     reverse=True)[:8]
+    history = "".join(grid(d, label, at, shown // 2) for at in earlier for d, label in directions)
+    if history:
+        history = f"<details><summary>earlier samples (newest first)</summary>{history}</details>"
     config = "".join(f"<tr><td>{html.escape(k)}</td><td>{html.escape(str(v))}</td></tr>"
                      for k, v in dataclasses.asdict(cfg).items())
+    style = ("body{font-family:sans-serif;margin:1.5em}figure{display:inline-block;margin:0 1em 1em 0;"
+             "vertical-align:top}figcaption{color:#444;font-size:90%}td{padding:0 1em 0 0}"
+             ".bar{background:#eee;height:8px;max-width:900px}.bar div{background:#c33;height:8px}")
     page = (f'<!doctype html><html><head><meta charset="utf-8"><meta http-equiv="refresh" content="60">'
-            f'<title>magan: {html.escape(run.name)}</title><style>body{{font-family:sans-serif;margin:2em}}'
-            f'figure{{display:inline-block;margin:0 1em 1em 0;vertical-align:top}}img{{max-width:100%}}'
-            f'td{{padding:0 1em 0 0}}</style></head><body><h1>magan run {html.escape(run.name)}</h1>'
+            f'<title>magan: {html.escape(run.name)}</title><style>{style}</style></head><body>'
+            f'<h1>magan run {html.escape(run.name)}</h1>'
             f'<p>iteration {iteration} of {cfg.iters} · {speed:.2f} it/s · ETA {eta} · updated '
-            f'{time.strftime("%Y-%m-%d %H:%M:%S")}</p><h2>Samples</h2>{grids}<h2>Losses (log.csv)</h2>'
-            f'{charts}<h2>Config</h2><table>{config}</table></body></html>')
+            f'{time.strftime("%Y-%m-%d %H:%M:%S")}</p>'
+            f'<div class="bar"><div style="width:{100 * iteration / cfg.iters:.1f}%"></div></div>'
+            f'<h2>Latest samples</h2>{latest}{history}<h2>Losses (log.csv)</h2>{charts}'
+            f'<h2>Config</h2><table>{config}</table></body></html>')
     write_atomically(run / "index.html", lambda f: f.write(page.encode()))
 
 

@@ -1723,13 +1723,14 @@ def test_a_second_ctrl_c_exits_without_a_traceback(monkeypatch, capsys):
 class PageParser(__import__("html.parser").parser.HTMLParser):
     def __init__(self):
         super().__init__()
-        self.images, self.curves = [], []
+        self.images, self.curves, self.widths = [], [], []
 
     def handle_starttag(self, tag, attrs):
         attrs = dict(attrs)
         if tag == "img":
             self.images.append(attrs["src"])
-        if tag == "polyline" and len(attrs.get("points", "").split()) >= 2:
+            self.widths.append(attrs.get("style", ""))
+        if tag == "polyline" and "data-term" in attrs and len(attrs.get("points", "").split()) >= 2:
             self.curves.append(attrs["data-term"])
 
 
@@ -1737,11 +1738,24 @@ def test_run_page_shows_the_latest_grids_and_every_loss_curve(tmp_path):
     run = magan.train(tiny_config(tmp_path, iters=4, log_every=1, sample_every=2, w_pixel=1.0))
     page = PageParser()
     page.feed((run / "index.html").read_text())
-    assert page.images == ["samples/a2b_0000004.png", "samples/b2a_0000004.png"]
+    # the latest grids first, then the earlier ones, newest first
+    assert page.images == ["samples/a2b_0000004.png", "samples/b2a_0000004.png",
+                           "samples/a2b_0000002.png", "samples/b2a_0000002.png"]
     assert all((run / src).is_file() for src in page.images)
     weighted = [t for t in magan.LOSS_TERMS if getattr(run_config(run), f"w_{t}") > 0]
     assert sorted(page.curves) == sorted(["D", "G"] + weighted) and "pixel" in page.curves
     assert "iteration 4 of 4" in (run / "index.html").read_text()
+    assert "width:768px" in page.widths[0]  # 4 columns of 32-px tiles, each shown at 192 px
+
+
+def test_charts_have_axes_and_a_log_scale_where_a_term_spans_decades():
+    falling = [(i * 100, 4000 / (1 + i) ** 2) for i in range(30)]       # from 4,000 to about 5: log scale
+    chart = magan.svg_chart("G", falling)
+    labels = [t.split(">")[1].split("<")[0] for t in chart.split("<text")[1:]]
+    assert "G (log scale)" in labels and {"10", "100", "1,000"} <= set(labels)
+    assert {"0", "1000", "2000"} <= set(labels) and "iteration" in labels    # iteration ticks
+    flat = magan.svg_chart("cycle", [(i, 0.5 + 0.01 * (i % 3)) for i in range(10)])
+    assert "(log scale)" not in flat and "0.5" in flat
 
 
 def run_config(run: Path) -> Config:
