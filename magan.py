@@ -43,7 +43,8 @@ Where we depart from the papers (each is explained where it is made):
   * the discriminators' attention maps use the spectrally *normalised* classifier weight, the one
     that gave the logit (U-GAT-IT's code uses the raw parameter);
   * light mode by default (U-GAT-IT's --light; the paper's full mode is --full);
-  * below 128 px the global discriminator stops at a 4x4 grid instead of S/32;
+  * below 96 px the global discriminator halves the image fewer than five times (64 px: four, to a
+    4x4 grid; 32 px: three), where U-GAT-IT's code fails;
   * PyTorch's default weight initialisation and AdaLIN's ρ starting at 1: U-GAT-IT's text gives
     N(0, 0.02) and ρ near 1; its PyTorch code, default init and ρ = 0.9. Biased variances in
     AdaLIN/LIN, as nn.InstanceNorm2d and U-GAT-IT's TF code (its PyTorch port: unbiased);
@@ -425,9 +426,13 @@ class Generator(nn.Module):
 #     block it wherever a unit is negative.
 
 def global_depth(size: int) -> int:
-    """Stride-2 convs of the global discriminator: 5 (to S/32) as in U-GAT-IT, but never below a
-    4x4 grid, so that S = 32 and 64 still leave room for the two stride-1 4x4 convs."""
-    return min(5, int(math.log2(size)) - 2)
+    """Stride-2 convs of the global discriminator: 5 (to S/32) as in U-GAT-IT, wherever that leaves
+    a grid of 3x3 or more for the two stride-1 4x4 convs after it (S >= 96); below, fewer (S = 64:
+    4, S = 32: 3), where U-GAT-IT's own code fails (its padding is larger than a 2x2 map)."""
+    depth = 5
+    while size // 2**depth < 3:
+        depth -= 1
+    return depth
 
 
 class DiscriminatorOutput(NamedTuple):
@@ -652,6 +657,11 @@ class VGGFeatures(nn.Module):
 # of each domain, drawn independently, each with U-GAT-IT's augmentation. Everything random about
 # sample k is a pure function of (seed, k), which is what makes a resumed run draw exactly the
 # samples an uninterrupted one would have.
+# Why each domain walks in its own order: pairing the i-th horse with the i-th zebra in every
+# epoch would show the networks the same pairs again and again, a relation between the two
+# folders that the data do not have. Why per-sample keys and not one global random stream:
+# with worker processes, a stream's state after iteration k depends on which worker drew what;
+# a key (seed, domain, k) does not.
 
 def keyed_generator(*key) -> torch.Generator:
     """A torch.Generator seeded by a hash of `key`: the randomness of sample k is a pure function of
@@ -767,6 +777,12 @@ def training_batches(data: UnpairedImages, batch: int, start: int, iters: int, w
 
 
 # --- 6.2 Reading images safely: any format, mode and size; broken files are skipped ---------------
+# A training set scraped from the web holds every kind of file: CMYK and palette JPEGs, 16-bit
+# PNGs, phone photos rotated by an EXIF tag, the odd text file renamed .jpg, a download cut off
+# half way. The network wants one thing, 8-bit RGB the right way up, so every image goes through
+# load_rgb. What cannot be decoded is skipped and named once (6.1 draws a replacement), because
+# one bad file in thousands should cost the user one line in the log, not a crashed run at
+# iteration 40,000. A folder with no readable image at all is an error before training starts.
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 
@@ -886,6 +902,11 @@ def sample_folder(train_folder: str) -> Path:
 # whose `type` (one of the checks below) refuses a bad value while the command line is parsed, with
 # the reason. This is the one place where the rules are explained: the networks keep only terse
 # guards. Where the papers are silent, the default says so.
+# Presets (after Config) change several defaults at once, for a named purpose: U-GAT-IT's
+# objective, MAGAN's eq. 8 as printed, or real photos on a laptop. The order of precedence is
+# written once, in make_config: the defaults, then the demo (only when no data is given), then the
+# preset, then the flags the user typed. So `--preset laptop --size 128` is the laptop recipe at
+# 128 px, and every run's config.json records the values that actually ran.
 
 def checked(convert, rule, explain: str):
     """An argparse `type`: convert the text, then refuse values that break `rule`, saying why."""
@@ -908,8 +929,8 @@ positive_float = checked(float, lambda v: math.isfinite(v) and v > 0, "must be a
 fraction = checked(float, lambda v: 0 <= v < 1, "must be in [0, 1)")
 sam_exponent = checked(float, lambda v: math.isfinite(v) and v >= 1, "must be at least 1: |θ|^p with p < 1 "
                        "has an infinite gradient where θ = 0, and ReLU features are often 0")
-device_name = checked(str, lambda v: v in ("auto", "cpu", "cuda") or (v.startswith("cuda:") and
-                      v[5:].isdigit()), "is not a device: use auto, cpu, cuda or cuda:N")
+device_name = checked(str, lambda v: v in ("auto", "cpu", "cuda", "mps") or (v.startswith("cuda:") and
+                      v[5:].isdigit()), "is not a device: use auto, cpu, cuda, cuda:N or mps")
 
 
 def option(default, help: str, **argparse_kwargs):
@@ -928,8 +949,9 @@ class Config:
     out: str = option("runs/magan", "run folder: config.json, log.csv, index.html, samples/, checkpoints/")
     preset: str = option("magan", "magan: MAGAN's objective with U-GAT-IT's terms; ugatit: U-GAT-IT's (CAM "
                                   "attention, no VGG losses); eq8: MAGAN's eq. 8 as printed (no pixel cycle, "
-                                  "no identity, every weight 1). Explicit flags override a preset",
-                         choices=("magan", "ugatit", "eq8"))
+                                  "no identity, every weight 1); laptop: real photos on 2 CPU cores in 45 "
+                                  "minutes (96 px, width 16, no VGG, compiled). Explicit flags override a preset",
+                         choices=("magan", "ugatit", "eq8", "laptop"))
     size: int = option(256, "image size S, a multiple of 32 (the paper: 256)", type=image_size)
     # model (U-GAT-IT appendix Tables 4-6; MAGAN §2.1-2.2; AGGAN)
     ch: int = option(64, "base width of every network (the paper: 64)", type=positive_int)
@@ -983,10 +1005,12 @@ class Config:
     beta2: float = option(0.999, "Adam beta2", type=fraction)
     weight_decay: float = option(1e-4, "Adam weight decay", type=weight)
     # machinery
-    device: str = option("auto", "auto (CUDA when available), cpu, cuda or cuda:N", type=device_name)
+    device: str = option("auto", "auto (CUDA, else Apple's mps, else the CPU), cpu, cuda, cuda:N or mps",
+                         type=device_name)
     seed: int = option(0, "random seed: weights, data order and augmentation all follow from it", type=int)
-    fast: bool = option(True, "on CUDA: bf16 autocast (norm statistics and losses in fp32), channels_last, "
-                              "fused Adam. Ignored on CPU")
+    fast: bool = option(True, "channels_last, and on CUDA fused Adam; bf16 autocast (norm statistics "
+                              "and losses in fp32) where the device has native bf16: CUDA GPUs from "
+                              "compute capability 8.0, CPUs with AMX or AVX-512 BF16. fp32 on Apple's mps")
     compile: bool = option(False, "torch.compile the networks (slow start, see `bench`)")
     workers: int = option(-1, "data-loading worker processes (0: load in the main process; -1: one fewer "
                               "than the CPU cores, at most 4)", type=worker_count)
@@ -1017,6 +1041,8 @@ PERCEPTUAL = ("w_style", "w_content", "w_selfreg")  # the weights of the terms m
 def needs_vgg(cfg: Config) -> bool:
     return any(getattr(cfg, w) > 0 for w in PERCEPTUAL)
 
+LAPTOP_ITERS = 5000  # 45 minutes on the 2 cores of the README's measurement, a first compile included
+
 PRESETS = {
     "magan": {},  # the defaults are MAGAN's
     "ugatit": dict(attention="cam", w_adv=1.0, w_cycle=10.0, w_identity=10.0, w_cam=1000.0,
@@ -1026,6 +1052,16 @@ PRESETS = {
     # U-GAT-IT's pixel cycle (10), identity (10) or CAM weight (1000) that the default adds.
     "eq8": dict(w_adv=1.0, w_style=1.0, w_content=1.0, w_cam=1.0, w_cycle=0.0, w_identity=0.0,
                 vgg_weights="imagenet"),
+    # Real photos on a two-core laptop within 45 minutes (README, "No GPU?"). Why each value:
+    # 96 px is the smallest size at which the global discriminator keeps U-GAT-IT's five halvings
+    # (section 4), at 56% of 128 px's pixels; width 16 with the paper's 4 residual blocks is the
+    # setting we compared with the official code; the VGG losses are off because VGG19's passes
+    # would double each iteration (measured: 1.15 s instead of 0.5-0.58); torch.compile's first
+    # start-up (213 s) is paid back after some 2,500 iterations (0.44 s instead of 0.52 per
+    # iteration, measured in training runs). The rest (attention, weights, learning rate and its
+    # schedule) is the paper's, so that the recipe is MAGAN, only smaller and shorter.
+    "laptop": dict(size=96, ch=16, n_res=4, vgg_weights="none", w_style=0.0, w_content=0.0,
+                   compile=True, iters=LAPTOP_ITERS, log_every=50, sample_every=500, save_every=500),
 }
 
 # `python magan.py train` with no data: a demo on the bundled data that downloads nothing. Measured
@@ -1062,6 +1098,10 @@ def make_config(given: dict) -> tuple[Config, str | None]:
 # =================================================================================================
 
 # --- 8.1 The six networks of one run ------------------------------------------------------------
+# Section 8 follows the order in which a student asks: what is trained (8.1), what one iteration
+# does (8.2), how iterations repeat (8.3), and then what the loop calls: the learning rate (8.4),
+# networks, optimizers and devices (8.5), checkpoints (8.6), what the user sees (8.7), signals
+# (8.8). Several GPUs and the run page are appendices: a first reading can skip them.
 
 class MAGAN(nn.Module):
     """Two generators and, per domain, a global and a local discriminator: D_ga and D_la judge
@@ -1327,6 +1367,12 @@ def update(optimizer: torch.optim.Optimizer, loss: torch.Tensor, networks, sync=
 
 
 # --- 8.3 The loop -------------------------------------------------------------------------------
+# train() is the whole run in one screen: set up, then iterate. The setup lines are in the order
+# that fails fastest: the folder and config first (check_run reads no image), the data next (every
+# folder is listed and checked), and only then the slow parts (networks, VGG, compiling). Whatever
+# the user got wrong is reported in the first seconds, not after minutes of start-up.
+# The loop body is four stages, as nanoGPT's train.py: set the learning rate, take one step, watch
+# it, and save. Everything the loop calls is defined in 8.4-8.8, in the order it calls it.
 
 LOGGED = ("D", "G", *LOSS_TERMS)  # the one list behind the progress line, log.csv and the NaN check
 
@@ -1390,6 +1436,11 @@ def train(cfg: Config, checkpoint: dict | None = None) -> Path:
 
 
 # --- 8.4 Schedules: the learning rate, and SAT's adaptive weight -------------------------------
+# Why decay at all: a GAN never converges to a fixed point at a constant rate; G and D keep
+# chasing each other. Lowering the rate in the second half damps that chase, so the last
+# iterations polish the translations instead of oscillating around them (CycleGAN and U-GAT-IT
+# both decay linearly to 0). Both players share one rate, 1e-4: the balance between G and D is
+# what U-GAT-IT tuned it for, so raise or lower the two together.
 
 def learning_rate(step: int, cfg: Config) -> float:
     """Constant for the first half, then linear decay to 0 (U-GAT-IT appendix B.2), computed from
@@ -1449,6 +1500,18 @@ class AdaptiveWeight:
 
 
 # --- 8.5 Networks, optimizers and devices -------------------------------------------------------
+# The maths of a step never depends on the device; only how it runs does. The "fast path"
+# collects what speeds an iteration up without changing its result beyond float rounding:
+#   * channels_last: convolutions read (B, H, W, C) memory, the layout oneDNN (CPU) and cuDNN's
+#     tensor-core kernels (CUDA) prefer, so no copy into it is made at every layer;
+#   * fused Adam, on CUDA: one kernel updates every parameter, instead of a handful of ops per
+#     tensor. On a CPU it gained nothing measurable (bench) and, with channels_last, made a
+#     resumed run differ from an uninterrupted one by float rounding, so the CPU keeps plain Adam;
+#   * bf16 autocast, only where the hardware has bf16 arithmetic: elsewhere it is emulated and
+#     slower than fp32 (measured on CPU in `bench`), so there we stay in fp32;
+#   * torch.compile (--compile, off by default): fuses the small element-wise ops between the
+#     convolutions, at the price of minutes of start-up.
+# TF32 stays off everywhere, so that --no-fast is honest fp32 and the two paths can be compared.
 
 def build_networks(cfg: Config, device: torch.device, say=print):
     """The six networks (seeded: their initial weights follow --seed), the VGG of the perceptual
@@ -1460,13 +1523,26 @@ def build_networks(cfg: Config, device: torch.device, say=print):
         say("loading VGG19 for the perceptual losses ...", flush=True)
         vgg = load_vgg(cfg.vgg_weights)
     say(f"building the networks ({'light' if cfg.light else 'full'} mode, {cfg.size} px) ...", flush=True)
-    fast = cfg.fast and device.type == "cuda"
+    fast = cfg.fast and device.type != "mps"
     nets, vgg, autocast = place_networks(MAGAN(cfg), vgg, device, fast)
-    opt_G, opt_D = make_optimizers(nets, cfg, fast)
-    if cfg.compile:  # lazily, at the first call: restoring a checkpoint after this is fine
-        for net in list(nets.children()) + ([vgg] if vgg is not None else []):
-            net.compile()  # in place: the state_dict keys stay the same
+    opt_G, opt_D = make_optimizers(nets, cfg, fast and device.type == "cuda")  # fused: CUDA only
+    if cfg.compile and compiler_works(device, say):  # compiled at the first call, so restoring
+        for net in list(nets.children()) + ([vgg] if vgg is not None else []):  # a checkpoint later is
+            net.compile()  # fine: in place, the state_dict keys stay the same
     return nets, vgg, opt_G, opt_D, autocast, fast
+
+
+def compiler_works(device: torch.device, say=print) -> bool:
+    """Can torch.compile generate code here? On a CPU it writes and compiles C++, which needs a C++
+    compiler (Linux has one; a Mac needs Xcode's command-line tools; Windows needs MSVC). A tiny
+    function is compiled first: where that fails, training goes on without --compile and says why."""
+    try:
+        torch.compile(lambda x: x.sin() + 1)(torch.ones(4, device=device))
+        return True
+    except Exception as e:
+        say(f"note: --compile is off: torch.compile does not work here ({first_line(e)}); training runs "
+            f"uncompiled", flush=True)
+        return False
 
 
 def make_optimizers(nets: MAGAN, cfg: Config, fast: bool = False):
@@ -1481,53 +1557,69 @@ def make_optimizers(nets: MAGAN, cfg: Config, fast: bool = False):
 
 
 def pick_device(name: str, local_rank: int = 0) -> torch.device:
-    """auto: CUDA when available (GPU `local_rank`, one per process under torchrun), else CPU."""
+    """auto: CUDA when available (GPU `local_rank`, one per process under torchrun), else Apple's
+    mps (the GPU of an M-series Mac) when available, else the CPU."""
     if name == "auto":
-        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+        if torch.cuda.is_available():
+            return torch.device(f"cuda:{local_rank}")
+        return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise MaganError(f"--device {name}: this PyTorch sees no CUDA GPU (use --device cpu or auto)")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise MaganError("--device mps: this PyTorch sees no Apple GPU (mps needs an Apple-silicon Mac and "
+                         "a PyTorch built for it; use --device cpu or auto)")
     if name == "cuda":
         return torch.device(f"cuda:{local_rank}")
     return torch.device(name)
 
 
-def place_networks(nets: nn.Module, vgg: VGGFeatures | None, device: torch.device, fast: bool):
-    """Move the networks to the device. With `fast` (training uses it on CUDA; the tests also force
-    it on CPU), also:
-    - channels_last: cuDNN's fastest tensor-core convolutions work on NHWC; with NCHW tensors every
-      convolution would pay for two layout transposes;
-    - cudnn.benchmark: the input size never changes, so timing the algorithms once pays off;
-    - bf16 autocast: convolutions and matmuls in bfloat16 (twice the tensor-core rate, half the
-      activation memory). bf16 keeps fp32's exponent range, so no loss scaling is needed (unlike
-      fp16). Norm statistics, Gram matrices, SAM's γ and the losses stay in fp32 (sections 1-5).
-    Returns (nets, vgg, the autocast context of the training step)."""
+def place_networks(nets: nn.Module, vgg: VGGFeatures | None, device: torch.device, fast: bool,
+                   bf16: bool | None = None):
+    """Move the networks to the device. With `fast`, also:
+    - channels_last: cuDNN's fastest tensor-core convolutions, and oneDNN's on a CPU, work on NHWC;
+      with NCHW tensors every convolution would pay for layout transposes (measured on a 2-core
+      CPU: 5-7% faster);
+    - bf16 autocast where the device computes bf16 natively (`bf16` forces it either way):
+      convolutions and matmuls in bfloat16 (twice the tensor-core rate, half the activation
+      memory). bf16 keeps fp32's exponent range, so no loss scaling is needed (unlike fp16). Norm
+      statistics, Gram matrices, SAM's γ, the class logits and the losses stay in fp32 (sections 1-5).
+      Where bf16 is emulated it is slower than fp32 (measured: 1.6x slower on a CPU without it).
+    On CUDA, cuda_numerics sets TF32 and cudnn.benchmark. Returns (nets, vgg, the step's autocast)."""
     nets = nets.to(device)
     vgg = vgg.to(device) if vgg is not None else None
-    autocast = cuda_precision(device, fast) if device.type == "cuda" else nullcontext()
-    if not fast:
-        return nets, vgg, autocast
-    nets = nets.to(memory_format=torch.channels_last)
-    vgg = vgg.to(memory_format=torch.channels_last) if vgg is not None else None
-    if device.type != "cuda":
-        autocast = torch.autocast(device.type, dtype=torch.bfloat16)
-    return nets, vgg, autocast
+    if device.type == "cuda":
+        cuda_numerics(fast)
+    if fast:
+        nets = nets.to(memory_format=torch.channels_last)
+        vgg = vgg.to(memory_format=torch.channels_last) if vgg is not None else None
+    bf16 = fast and native_bf16(device) if bf16 is None else bf16
+    return nets, vgg, torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
 
 
-def cuda_precision(device: torch.device, fast: bool):
-    """The numerics of a CUDA run; returns the step's autocast context.
-    - TF32 off: cuDNN runs fp32 convolutions in TF32 (a 10-bit mantissa) by default on Ampere and
-      newer, so --no-fast (and bench's fp32 row) would not be fp32. On the fast path it changes
-      nothing (its convolutions are bf16) but for the fp32 Gram matrices, which stay fp32.
-    - bf16 autocast only on GPUs with native bf16 (compute capability 8.0, Ampere, and newer). Older
-      GPUs emulate it slowly, though torch.cuda.is_bf16_supported() may say yes: the fast path runs
-      in fp32 there (with channels_last and fused Adam). fp16 would need a gradient scaler.
-    - cudnn.benchmark on the fast path: the input size never changes, so timing once pays off."""
+def cuda_numerics(fast: bool):
+    """TF32 off: cuDNN runs fp32 convolutions in TF32 (a 10-bit mantissa) by default on Ampere and
+    newer, so --no-fast (and bench's fp32 row) would not be fp32; on the fast path the convolutions
+    are bf16 and the Gram matrices stay fp32. cudnn.benchmark on the fast path: the input size
+    never changes, so timing the algorithms once pays off."""
     torch.backends.cudnn.allow_tf32 = False
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.benchmark = fast
-    if fast and torch.cuda.get_device_capability(device) >= (8, 0):
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return nullcontext()
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Does this device compute bf16 natively? CUDA: compute capability 8.0 (Ampere) and newer;
+    older GPUs emulate it, though torch.cuda.is_bf16_supported() may say yes, so the fast path
+    stays fp32 there (fp16 would need a gradient scaler). CPU: AMX or AVX-512 BF16, read from the
+    CPU's flags (Linux). Apple's mps: no, fp32 (its bf16 support depends on the macOS version)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_capability(device) >= (8, 0)
+    if device.type != "cpu":
+        return False
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
 def to_device(x: torch.Tensor, device: torch.device, fast: bool) -> torch.Tensor:
@@ -1535,6 +1627,12 @@ def to_device(x: torch.Tensor, device: torch.device, fast: bool) -> torch.Tensor
     return x.contiguous(memory_format=torch.channels_last) if fast else x
 
 
+# Data loading overlaps with compute: DataLoader's worker processes decode and augment the next
+# batches while the networks train on this one, so reading costs an iteration nothing as long as
+# it is faster than the step. It is, by far: measured on horse2zebra (256 px JPEGs), 6 ms to read,
+# decode and augment one image of each domain, against a step of about 400 ms at 96 px on 2 cores
+# (`bench` prints both). One worker is enough then; more would only take a core from torch's own
+# threads, hence "one fewer than the cores, at most 4".
 def loader_workers(workers: int, processes_per_machine: int, say=print) -> int:
     """--workers, resolved (-1: automatic); more than the cores is said once, in our words."""
     workers = resolve_workers(workers, processes_per_machine)
@@ -1582,6 +1680,12 @@ def fetch_state_dict(url: str, path: str | None = None) -> dict:
 
 
 # --- 8.6 Checkpoints: check the run, restore, save ----------------------------------------------
+# A run that lasts days will be interrupted: a cluster's time limit, a laptop's lid, a full disk.
+# What the checkpoint needs for an exact resume: the six networks, both optimizers' moments (Adam
+# without its moments takes large first steps again and can undo days of training), the iteration
+# (which fixes the learning rate and, with the seed, the next images), the random state, and SAT's
+# adaptive weight. It is written to a temporary file and renamed, so a crash mid-write leaves the
+# previous checkpoint whole, and it is loaded as untrusted input (weights only, never code).
 
 CHECKPOINT_FORMAT = "magan-checkpoint-v2"
 EXPORT_FORMAT = "magan-generators-v1"          # generators and config only: `magan.py export`
@@ -1779,6 +1883,12 @@ def export_generators(ckpt_path: str | Path, out: str | Path) -> Path:
 
 
 # --- 8.7 What the user sees: the run folder, progress, log, sample grids ------------------------
+# A GAN's losses say little about how good its translations are: L_D and L_G oscillate by design,
+# and a falling G loss can mean mode collapse. So the run shows three things: a progress line
+# (is it alive, how fast, when will it end), log.csv (every term, for plotting later), and sample
+# grids of fixed test images (the only honest measure while training). The grids always use the
+# same images, so that one grid can be compared with the last. The run page (appendix B) puts
+# the three together in a browser.
 
 LOG_COLUMNS = ["iteration", "elapsed_s", "it_per_s", "lr", *LOGGED, "w_selfreg"]  # SAT's λ, when adaptive
 
@@ -1813,11 +1923,11 @@ class RunFolder:
         where = f"{procs.world} processes on {self.device.type}" if procs.world > 1 else str(self.device)
         self.say(f"training {cfg.iters} iterations on {where} ({path}), {workers} data worker(s); "
                  f"{len(data.files[0])} + {len(data.files[1])} images; run folder {self.folder}\n"
-                 f"(the G loss starts at several thousand because the CAM term is weighted {cfg.w_cam:g}; "
-                 f"see it all in {self.folder / 'index.html'})", flush=True)
-        if self.device.type == "cpu" and cfg.size >= 128:
-            self.say("note: on a CPU an iteration at this size takes many seconds; `python magan.py train` "
-                     "with no data flags runs a small demo instead", flush=True)
+                 + (f"(the G loss starts at several thousand because the CAM term is weighted {cfg.w_cam:g}; "
+                    if cfg.w_cam >= 100 else "(") + f"see it all in {self.folder / 'index.html'})", flush=True)
+        if self.device.type == "cpu" and (cfg.size >= 256 or cfg.ch >= 64):
+            self.say("note: on a CPU an iteration at this size and width takes many seconds (24 s at 256 px, "
+                     "ch 64 on 2 cores); for real photos on a laptop, see --preset laptop", flush=True)
 
     def report_unreadable(self, skipped: list[str]):
         for name in set(skipped) - self.reported:
@@ -1932,6 +2042,10 @@ class Progress:
                 or iteration == self.cfg.iters or time.time() - self.last_time >= self.SECONDS)
 
     def eta(self, iteration: int) -> str:
+        # The first iteration carries the start-up (torch.compile alone can take minutes), so an ETA
+        # from its speed would say hours where minutes are left: the first one waits for the second line.
+        if iteration == self.start + 1:
+            return "--"
         return format_seconds((self.cfg.iters - iteration) / max(self.speed, 1e-9))
 
     def report(self, iteration: int, lr: float, values: dict[str, float], w_selfreg=0.0) -> float:
@@ -2010,6 +2124,10 @@ def save_image_grid(images: torch.Tensor, path: Path, ncol: int):
 
 
 # --- 8.8 Signals: stop cleanly, saving first ----------------------------------------------------
+# A job scheduler ends a job with SIGTERM (SLURM a few minutes before the time limit, with
+# --signal), a user with Ctrl-C. Both should end in a checkpoint rather than in the loss of
+# everything since the last one. The handler only sets a flag: the loop finishes the current
+# iteration, saves, and returns, so the checkpoint never holds a half-applied optimizer step.
 
 class StopOnSignal:
     """Ctrl-C (SIGINT) or SIGTERM asks the loop to stop after the current iteration and save. A
@@ -2035,6 +2153,13 @@ class StopOnSignal:
 # =================================================================================================
 # 9. Translation: apply a trained generator to a folder or an image
 # =================================================================================================
+# After training, one generator is all that is needed: G_ab for A -> B. Two choices a user meets:
+#   * size: the generator was trained at S x S, so each image is resized to S x S, translated, and
+#     resized back to its own size and aspect ratio (--no-keep-size keeps the square);
+#   * format: PNG by default, because KID then scores the translation itself and not a re-encoded
+#     JPEG of it (U-GAT-IT's code also writes PNG).
+# Light-mode generators also run at another size (the MLP reads a pooled map); SAM's learned
+# weight map is then resized bilinearly.
 
 def load_generator(path: str | Path, direction: str, device: torch.device) -> tuple[Generator, Config]:
     """The generator of `direction` (a2b or b2a) from a training checkpoint or an export, in eval mode."""
@@ -2162,6 +2287,12 @@ def save_translation(target: Path, shape: tuple[int, int], pictures: list) -> Pa
 # average it are in use, and their numbers differ:
 #   blocks  (TF-GAN, the papers' tables): disjoint blocks of at most 10 images; mean ± standard error
 #   subsets (torch-fidelity, torchmetrics): 100 random subsets of 1000; mean ± population std
+# Why the protocol matters: each block's or subset's estimate is unbiased, but the "±" means two
+# different things: over blocks, a standard error (the blocks' spread divided by √(number of
+# blocks)); over subsets, the spread itself. The same two folders give a different ± under each.
+# Compare numbers only within one protocol, and with the same Inception (appendix D).
+# Inputs: images are resized to Inception's 299 x 299 (bilinear) and scaled as its weights expect;
+# the features are the 2048-d global average pool before the classifier.
 
 def polynomial_kernel(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """k(x, y) = (xᵀy / d + 1)³ for all pairs: (m, d), (n, d) -> (m, n)."""
@@ -2292,7 +2423,7 @@ def inception_batch(files: list[Path], net: InceptionFeatures, device: torch.dev
         return []
     x = torch.stack([F.interpolate(im[None], size=(299, 299), mode="bilinear", align_corners=False)[0]
                      for im in images])                                      # (n, 3, 299, 299)
-    return [net(x.to(device)).double().cpu()]                                # (n, 2048)
+    return [net(x.to(device)).cpu().double()]              # (n, 2048); mps has no float64: on the CPU
 
 
 def kid_between_folders(real: str | Path, fake: str | Path, protocol: str = "blocks", block_size: int = 10,
@@ -2327,6 +2458,13 @@ def kid_between_folders(real: str | Path, fake: str | Path, protocol: str = "blo
 # =================================================================================================
 # 11. Command line: python magan.py train | translate | kid | export | bench
 # =================================================================================================
+# The command line is generated from Config (section 7): each field is one flag, with its help
+# text and its check, so a default or a rule is written once and the two can never disagree.
+# Flags left unset stay out of the parsed namespace. That is how `train --resume` tells what the
+# user asked for now from what the checkpoint says: unset flags come from the checkpoint, set
+# ones override it (the architecture and the preset excepted, which a checkpoint fixes).
+# Every MaganError reaches the user as one line without a traceback: it is a problem the user can
+# fix, and the message says how. Any other exception is a bug, and keeps its traceback.
 
 def add_config_flags(parser: argparse.ArgumentParser, skip: tuple = ()):
     """One flag per Config field (but those in `skip`), its help and check from the field. Unset
@@ -2410,6 +2548,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--iters", type=positive_int, default=20, help="timed (or, with --balance, measured) "
                                                                  "iterations (default: 20)")
     b.add_argument("--warmup", type=positive_int, default=5, help="untimed iterations first (default: 5)")
+    b.add_argument("--threads", type=positive_int, help="CPU threads for PyTorch (default: its own choice, "
+                                                        "one per physical core)")
     b.add_argument("--balance", action="store_true", help="instead of timing: the gradient norm of each "
                    "weighted term over the first iterations of a run on the data (default: the bundled data)")
     return parser
@@ -2441,6 +2581,9 @@ def given_flags(args: argparse.Namespace) -> dict:
 
 
 def train_command(args: argparse.Namespace):
+    # Two ways in. A new run builds its config from defaults, demo, preset and flags (make_config).
+    # A resumed run starts from the config its checkpoint recorded and applies only the flags given
+    # now: --iters to train longer, --lr or --beta1 to change Adam, never what the weights depend on.
     given = given_flags(args)
     if given.get("resume"):  # flags not given on the command line come from the checkpoint
         checkpoint = load_checkpoint(Path(given.get("out", Config.out)) / "checkpoints" / "latest.pt")
@@ -2459,17 +2602,20 @@ def train_command(args: argparse.Namespace):
 
 
 def bench_command(args: argparse.Namespace):
+    # bench times random images, so it needs no data; it reads real ones only to time the loading
+    # and, with --balance, to measure the terms on the images a run would see (the bundled data
+    # unless --data, --a or --b name others).
     given = given_flags(args)
     values = {**PRESETS[given.get("preset", "magan")], **given}
-    if not args.balance:
-        bench(Config(**values), args.iters, args.warmup)
-        return
     if values.get("data"):
         root_a, root_b = dataset_folders(values["data"])
         values["a"], values["b"] = given.get("a", root_a), given.get("b", root_b)
     else:  # the bundled data, for a domain not named
         values["a"], values["b"] = given.get("a", DEMO["a"]), given.get("b", DEMO["b"])
-    balance(Config(**values), args.iters)
+    if args.balance:
+        balance(Config(**values), args.iters)
+    else:
+        bench(Config(**values), args.iters, args.warmup, args.threads)
 
 
 def kid_args(args: argparse.Namespace) -> dict:
@@ -2486,6 +2632,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
+    # The user's mistakes (MaganError) end in one line on stderr and exit code 2, as argparse's own
+    # errors do; a bug anywhere else keeps its traceback, which is what a bug report needs.
     try:
         if args.command == "train":
             train_command(args)
@@ -2609,6 +2757,13 @@ class Processes:
 # #################################################################################################
 # Appendix B. The run page and TensorBoard
 # #################################################################################################
+# index.html is written by hand as plain HTML and inline SVG: no server, no JavaScript library,
+# nothing to install, and it opens from a laptop's disk or a cluster's shared folder alike. It is
+# rewritten at every sample (atomically, like a checkpoint) and reloads itself every minute.
+# The charts need a little care, because the terms live on very different scales: L_G starts at
+# several thousand (the CAM term, weighted 1000) and falls by a factor of ten or more, so a term
+# whose values span more than two decades is drawn on a log scale; each chart also shows a moving
+# average over the raw values, since a GAN's per-iteration losses are noisy.
 
 def nice_ticks(lo: float, hi: float, n: int = 5) -> list[float]:
     """About n round numbers (1, 2 or 5 times a power of ten apart) from lo to hi, for an axis."""
@@ -2731,6 +2886,13 @@ def open_tensorboard(run: Path):
 # #################################################################################################
 # Appendix C. Benchmark: how fast is one full training iteration (D step + G step, every loss)?
 # #################################################################################################
+# `bench` runs the same iterations in several ways, one change at a time, so each can be judged
+# on its own: fp32, then channels_last, fused Adam, bf16 autocast and torch.compile added in turn
+# (on CUDA: fp32 against the fast path). The first iterations are warm-up (memory allocation,
+# oneDNN's or cuDNN's choice of kernel, compiling) and are timed apart, as "warm-up s", since
+# that start-up is what --compile costs. On a shared machine a row can be 10-20% off: run it twice.
+# `bench --balance` answers another question: how much does each loss term weigh in what the
+# generators learn? It prints each weighted term's share of the gradient's norm.
 
 def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
@@ -2748,20 +2910,47 @@ def peak_memory_gib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
-def time_iterations(cfg: Config, mode: str, device: torch.device, procs: Processes, iters: int,
+class BenchRow(NamedTuple):
+    """One way of running the same iterations (the maths never changes, only how it runs)."""
+    label: str
+    fast: bool             # channels_last (and fused Adam, unless `fused` says otherwise)
+    fused: bool
+    bf16: bool
+    compiled: bool
+
+
+def bench_rows(device: torch.device, compiled: bool) -> list[BenchRow]:
+    """CUDA: fp32, the fast path, and with --compile the fast path compiled. CPU: one change per row,
+    each on top of the row before: channels_last, fused Adam, bf16 autocast (marked "emulated" where
+    the CPU has no native bf16: training's fast path leaves it off there), and with --compile."""
+    fp32 = BenchRow("fp32", fast=False, fused=False, bf16=False, compiled=False)
+    if device.type == "cuda":
+        fast = BenchRow("fast", fast=True, fused=True, bf16=native_bf16(device), compiled=False)
+        rows = [fp32, fast]
+    else:
+        rows = [fp32, fp32._replace(label="+channels_last", fast=True),
+                fp32._replace(label="+fused Adam", fast=True, fused=True)]
+        bf16 = rows[-1]._replace(label="+bf16" if native_bf16(device) else "+bf16 (emulated)", bf16=True)
+        fast = rows[1]._replace(bf16=native_bf16(device))  # training's fast path on a CPU: no fused Adam
+        rows.append(bf16)
+    if compiled:
+        rows.append(fast._replace(label="fast path+compile", compiled=True))
+    return rows
+
+
+def time_iterations(cfg: Config, row: BenchRow, device: torch.device, procs: Processes, iters: int,
                     warmup: int) -> dict:
-    """Warm up, then time `iters` training steps of one path (fp32, fast, fast+compile)."""
-    fast = mode.startswith("fast")
+    """Warm up, then time `iters` training steps run the way `row` says."""
     torch.manual_seed(cfg.seed)
     vgg = VGGFeatures(vgg19_features()) if needs_vgg(cfg) else None  # random weights: the same computation
     w = cfg.loss_weights()
-    nets, vgg, autocast = place_networks(MAGAN(cfg), vgg, device, fast)
-    opt_G, opt_D = make_optimizers(nets, cfg, fast)
-    if mode.endswith("+compile"):
+    nets, vgg, autocast = place_networks(MAGAN(cfg), vgg, device, row.fast, bf16=row.bf16)
+    opt_G, opt_D = make_optimizers(nets, cfg, row.fused)
+    if row.compiled:
         for net in list(nets.children()) + ([vgg] if vgg is not None else []):
             net.compile()
-    x_a = to_device(torch.rand(cfg.batch, 3, cfg.size, cfg.size) * 2 - 1, device, fast)
-    x_b = to_device(torch.rand(cfg.batch, 3, cfg.size, cfg.size) * 2 - 1, device, fast)
+    x_a = to_device(torch.rand(cfg.batch, 3, cfg.size, cfg.size) * 2 - 1, device, row.fast)
+    x_b = to_device(torch.rand(cfg.batch, 3, cfg.size, cfg.size) * 2 - 1, device, row.fast)
     synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -2775,23 +2964,33 @@ def time_iterations(cfg: Config, mode: str, device: torch.device, procs: Process
         timings.append(time.perf_counter() - start)
         if procs.main:
             what = "warm-up" if len(timings) == 1 else "timed"
-            print(f"  {mode}: {what} {n} iterations in {timings[-1]:.1f} s", flush=True)
+            print(f"  {row.label}: {what} {n} iterations in {timings[-1]:.1f} s", flush=True)
     warmup_s, timed_s = timings
-    return dict(mode=mode, it_per_s=iters / timed_s, ms_per_iter=1000 * timed_s / iters, warmup_s=warmup_s)
+    return dict(mode=row.label, it_per_s=iters / timed_s, ms_per_iter=1000 * timed_s / iters,
+                warmup_s=warmup_s)
 
 
-def bench(cfg: Config, iters: int = 20, warmup: int = 5) -> list[dict]:
-    """Time full training iterations for the plain fp32 path and (on CUDA) the fast path, plus the
-    fast path under torch.compile with cfg.compile. Random images stand in for data (the loader
-    runs in worker processes, beside the GPU) and a random VGG19 for the ImageNet one (the same
-    computation). Under torchrun every process times its own share. Prints a table; returns its rows."""
+def data_loading_ms(cfg: Config, batches: int = 10) -> float:
+    """Milliseconds to read, decode and augment one batch in this process (training does it in
+    --workers processes beside the networks, so it costs an iteration nothing while it is shorter)."""
+    data = UnpairedImages(cfg.a, cfg.b, cfg.size, cfg.seed)
+    start = time.perf_counter()
+    for k in range(batches):
+        collate_pairs([data[k * cfg.batch + i] for i in range(cfg.batch)])
+    return 1000 * (time.perf_counter() - start) / batches
+
+
+def bench(cfg: Config, iters: int = 20, warmup: int = 5, threads: int | None = None) -> list[dict]:
+    """Time full training iterations, one row per way of running them (bench_rows). Random images
+    stand in for data (loading is timed on its own, on the bundled data unless --data/--a/--b say
+    otherwise) and a random VGG19 for the ImageNet one (the same computation). Under torchrun every
+    process times its own share. Prints a table; returns its rows."""
+    if threads:
+        torch.set_num_threads(threads)
     procs = Processes()
     device = pick_device(cfg.device, procs.local_rank)
     procs.start(device)
     host_baseline = peak_memory_gib(device) if device.type == "cpu" else 0.0
-    modes = ["fp32"] + (["fast"] if device.type == "cuda" else [])
-    if cfg.compile:
-        modes.append(modes[-1] + "+compile")
     with torch.device("meta"):  # only counted: shapes, no memory
         model = MAGAN(cfg)
         model.vgg = vgg19_features()
@@ -2807,26 +3006,37 @@ def bench(cfg: Config, iters: int = 20, warmup: int = 5) -> list[dict]:
         f"local D {millions['D_la']:.2f}M (x2), total {count_parameters(model) / 1e6 - millions['vgg']:.2f}M"
         + (f"; VGG19 to relu5_4 {millions['vgg']:.2f}M (frozen)" if needs_vgg(cfg) else ""))
     rows = []
-    for mode in modes:
-        row = time_iterations(cfg, mode, device, procs, iters, warmup)
-        row["peak_gib"] = peak_memory_gib(device) - host_baseline
-        row["total_img_per_s"] = procs.mean(torch.tensor(row["it_per_s"])).item() * procs.world * cfg.batch
-        rows.append(row)
-    say(f"\n{'path':<14}{'it/s':>8}{'ms/iter':>10}{'images/s, all':>15}{'peak GiB':>10}{'warm-up s':>11}"
-        f"{'1M iterations':>15}{'speed-up':>10}")
-    for row in rows:
-        say(f"{row['mode']:<14}{row['it_per_s']:>8.2f}{row['ms_per_iter']:>10.1f}"
-            f"{row['total_img_per_s']:>15.2f}{row['peak_gib']:>10.2f}{row['warmup_s']:>11.1f}"
-            f"{format_seconds(1e6 / row['it_per_s']):>15}"
-            f"{rows[0]['ms_per_iter'] / row['ms_per_iter']:>9.2f}x")
+    for row in bench_rows(device, cfg.compile):
+        result = time_iterations(cfg, row, device, procs, iters, warmup)
+        result["peak_gib"] = peak_memory_gib(device) - host_baseline
+        per_process = procs.mean(torch.tensor(result["it_per_s"])).item()
+        result["total_img_per_s"] = per_process * procs.world * cfg.batch
+        rows.append(result)
+    print_bench_table(rows, say)
+    try:
+        say(f"data loading: {data_loading_ms(cfg):.0f} ms per batch of {cfg.batch} per domain, in one "
+            f"process ({Path(cfg.a).parent}); training loads in --workers processes beside the networks")
+    except MaganError as e:
+        say(f"data loading: not measured ({first_line(e)})")
     if procs.world > 1:
         say(f"(it/s and ms/iter: rank 0's; every process trains on {cfg.batch} image(s) per domain "
             f"and iteration)")
-    if device.type != "cuda":
-        say("(the fast path is CUDA-only: on CPU training always runs the fp32 path. Peak GiB on CPU is the\n"
-            " growth of the process's peak resident memory, cumulative over rows: a rough upper bound)")
+    if device.type == "cpu":
+        say("(training's fast path on this CPU: channels_last" +
+            (", bf16 autocast)" if native_bf16(device) else "; no bf16: this CPU has no native bf16)") +
+            "\n(peak GiB on CPU is the growth of the process's peak resident memory, cumulative over rows)")
     procs.finish()
     return rows
+
+
+def print_bench_table(rows: list[dict], say=print):
+    say(f"\n{'path':<22}{'it/s':>8}{'ms/iter':>10}{'images/s, all':>15}{'peak GiB':>10}{'warm-up s':>11}"
+        f"{'1M iterations':>15}{'speed-up':>10}")
+    for row in rows:
+        say(f"{row['mode']:<22}{row['it_per_s']:>8.2f}{row['ms_per_iter']:>10.1f}"
+            f"{row['total_img_per_s']:>15.2f}{row['peak_gib']:>10.2f}{row['warmup_s']:>11.1f}"
+            f"{format_seconds(1e6 / row['it_per_s']):>15}"
+            f"{rows[0]['ms_per_iter'] / row['ms_per_iter']:>9.2f}x")
 
 
 def balance(cfg: Config, iters: int = 20) -> dict[str, float]:
@@ -2876,6 +3086,11 @@ def balance(cfg: Config, iters: int = 20) -> dict[str, float]:
 # torchvision's Inception-v3 classes with 1008 outputs, except that the average-pooling branch of
 # the Mixed blocks ignores padding, and Mixed_7c pools with a 3x3 max-pool. The features are the
 # 2048-d global average pool. Only these features give numbers comparable with the papers' tables.
+# Why a second Inception at all: FID and KID were defined on the TF graph, and torchvision's
+# ImageNet Inception-v3, although the same architecture, was trained anew: its features differ,
+# and so do the distances (by more than the gaps between the methods in MAGAN's Table 2). The
+# weights are the TF graph's, converted by pytorch-fid; the classes below change only the layers
+# where the TF graph computes differently. `--inception imagenet` skips them, for quick looks only.
 
 class FIDInceptionA(InceptionA):
     def _forward(self, x):

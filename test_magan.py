@@ -45,7 +45,7 @@ def make_step_objects(cfg: Config, seed: int = 0, fast: bool = False):
     torch.manual_seed(seed)
     nets = MAGAN(cfg)
     vgg = magan.load_vgg(cfg.vgg_weights)
-    nets, vgg, autocast = magan.place_networks(nets, vgg, torch.device("cpu"), fast)
+    nets, vgg, autocast = magan.place_networks(nets, vgg, torch.device("cpu"), fast, bf16=fast)  # bf16 even if emulated
     opt_G, opt_D = magan.make_optimizers(nets, cfg, fast)
     return nets, vgg, opt_G, opt_D, autocast
 
@@ -896,6 +896,22 @@ def test_ugatit_preset_resolves_to_its_flags_and_explicit_flags_win(tmp_path):
             magan.train(tiny_config(tmp_path / "invalid", **option))
 
 
+def test_laptop_preset_is_the_readmes_recipe_and_flags_still_win(tmp_path):
+    """--preset laptop: 96 px, width 16, 4 residual blocks, no VGG, compiled, MAGAN's attention and
+    U-GAT-IT's weights, the iterations that fit 45 minutes; a flag after it changes one value."""
+    cfg, _ = magan.make_config({"preset": "laptop", "data": str(DATA)})
+    assert (cfg.size, cfg.ch, cfg.n_res, cfg.light, cfg.compile) == (96, 16, 4, True, True)
+    assert (cfg.attention, cfg.vgg_weights, cfg.w_style, cfg.w_content) == ("ma", "none", 0.0, 0.0)
+    assert (cfg.w_cycle, cfg.w_identity, cfg.w_cam, cfg.lr) == (10.0, 10.0, 1000.0, 1e-4)
+    assert cfg.iters == magan.LAPTOP_ITERS and not magan.needs_vgg(cfg)
+    assert magan.global_depth(96) == 5  # U-GAT-IT's five halvings, to a 3x3 grid
+    readme = (Path(magan.__file__).parent / "README.md").read_text()
+    assert "python magan.py train --preset laptop --data horse2zebra" in readme
+    assert f"| `--iters` | {magan.LAPTOP_ITERS:,} |" in readme  # the README's table says what runs
+    cfg, _ = magan.make_config({"preset": "laptop", "data": str(DATA), "size": 128, "compile": False})
+    assert (cfg.size, cfg.compile, cfg.ch) == (128, False, 16)
+
+
 def test_a_mask_fusion_checkpoint_translates_and_resumes(tmp_path):
     run = magan.train(tiny_config(tmp_path, mask_fusion=True, mask_to_d=True, w_tv=1.0, iters=2))
     grid = Image.open(run / "samples" / "a2b_0000002.png")
@@ -1201,8 +1217,11 @@ def test_each_process_reads_its_own_samples_of_each_iteration():
     assert one == [12, 13, 14, 15, 16, 17, 18, 19]  # one process with the global batch reads the same
 
 
+# In fp32 with the plain memory layout (--no-fast): with channels_last, oneDNN runs other kernels
+# for a batch of 1 and of 2, whose rounding differs far more (measured: a mean weight gap of 2.4e-5
+# after 4 iterations, against below 1e-8 in this layout).
 DIST_FLAGS = ["--data", str(DATA), "--size", "32", "--ch", "8", "--n-res", "1", "--vgg-weights", "random", "--device", "cpu",
-              "--workers", "0", "--log-every", "2", "--sample-every", "100", "--n-samples", "2"]
+              "--workers", "0", "--log-every", "2", "--sample-every", "100", "--n-samples", "2", "--no-fast"]
 
 
 def torchrun(n: int, args: list[str], timeout=240) -> subprocess.CompletedProcess:
@@ -1235,7 +1254,8 @@ def test_two_processes_train_like_one_with_the_global_batch(two_process_run, tmp
     nearly cancel (|g| near Adam's ε) can take a differently sized step after rounding (measured:
     6 of 353,416 weights differ by more than 1e-6, the largest by 3.3e-5, and the gap stays put)."""
     out, result = two_process_run
-    one = magan.train(tiny_config(tmp_path, batch=2, iters=4, save_every=4, log_every=2, sample_every=100))
+    one = magan.train(tiny_config(tmp_path, batch=2, iters=4, save_every=4, log_every=2, sample_every=100,
+                                  fast=False))
     two, single = weights_of(out), weights_of(one)
     assert two.keys() == single.keys()
     gaps = torch.cat([(two[k].float() - single[k].float()).abs().flatten() for k in two])
@@ -1597,40 +1617,69 @@ def test_requirements_exclude_torch_with_the_spectral_norm_autocast_crash():
 def test_bench_runs_and_counts_parameters(capsys):
     cfg = Config(size=32, ch=8, n_res=1, device="cpu")
     rows = magan.bench(cfg, iters=2, warmup=1)
-    assert [row["mode"] for row in rows] == ["fp32"]  # the fast path is CUDA-only
-    assert rows[0]["ms_per_iter"] > 0 and rows[0]["it_per_s"] == pytest.approx(1000 / rows[0]["ms_per_iter"])
+    bf16 = "+bf16" if magan.native_bf16(torch.device("cpu")) else "+bf16 (emulated)"
+    assert [row["mode"] for row in rows] == ["fp32", "+channels_last", "+fused Adam", bf16]  # one change a row
+    for row in rows:
+        assert row["ms_per_iter"] > 0 and row["it_per_s"] == pytest.approx(1000 / row["ms_per_iter"])
     out = capsys.readouterr().out
+    assert "data loading:" in out and "ms per batch" in out
     G = Generator(ch=8, n_res=1, size=32)
     assert f"generator {sum(p.numel() for p in G.parameters()) / 1e6:.2f}M" in out
     assert "1M iterations" in out and "fp32" in out
 
 
+def test_device_auto_prefers_cuda_then_apples_mps_then_the_cpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    assert magan.pick_device("auto") == magan.pick_device("mps") == torch.device("mps")
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    assert magan.pick_device("auto") == torch.device("cpu")
+    with pytest.raises(MaganError, match="no Apple GPU"):
+        magan.pick_device("mps")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert magan.pick_device("auto", local_rank=1) == torch.device("cuda:1")
+
+
+def test_compile_that_cannot_work_here_is_said_and_skipped(tmp_path, monkeypatch, capsys):
+    def broken(*args, **kwargs):
+        raise RuntimeError("no C++ compiler found")
+    monkeypatch.setattr(torch, "compile", broken)
+    magan.train(tiny_config(tmp_path, iters=1, compile=True, sample_every=100))
+    assert "--compile is off: torch.compile does not work here (RuntimeError: no C++ compiler" in capsys.readouterr().out
+
+
 def test_bench_takes_the_preset_then_explicit_flags(monkeypatch):
     seen = {}
-    monkeypatch.setattr(magan, "bench", lambda cfg, iters, warmup: seen.update(cfg=cfg, iters=iters))
+    monkeypatch.setattr(magan, "bench", lambda cfg, iters, warmup, threads: seen.update(cfg=cfg, iters=iters))
     assert magan.main(["bench", "--preset", "ugatit", "--attention", "ma", "--size", "32", "--iters", "3"]) == 0
     cfg = seen["cfg"]
     assert (cfg.attention, cfg.size, seen["iters"]) == ("ma", 32, 3)      # the explicit flags win
     assert (cfg.w_style, cfg.w_content, cfg.vgg_weights) == (0.0, 0.0, "none")  # the rest is the preset's
 
 
-def test_cuda_numerics_are_fp32_without_the_fast_path_and_bf16_only_where_native(monkeypatch):
+def test_fp32_is_fp32_on_cuda_and_bf16_only_where_native(monkeypatch):
     """No TF32 (cuDNN's default on Ampere and newer) in fp32 convolutions; bf16 autocast only on
-    GPUs with native bf16 (compute capability 8.0 and up), fp32 on older ones."""
-    import warnings
+    devices with native bf16: CUDA from compute capability 8.0, CPUs with AMX or AVX-512 BF16."""
     flags = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.benchmark)
     try:
-        for capability, fast, bf16 in (((8, 0), True, True), ((9, 0), False, False), ((7, 5), True, False)):
-            monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+        for fast in (True, False):
             torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # torch.autocast("cuda") on a machine without CUDA says so
-                autocast = magan.cuda_precision(torch.device("cuda"), fast)
-            assert isinstance(autocast, torch.autocast) == bf16, capability
+            magan.cuda_numerics(fast)
             assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
             assert torch.backends.cudnn.benchmark == fast
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.benchmark = flags
+    for capability, native in (((8, 0), True), ((9, 0), True), ((7, 5), False)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+        assert magan.native_bf16(torch.device("cuda")) == native, capability
+    assert not magan.native_bf16(torch.device("mps"))
+    cpu_has_it = any(f in Path("/proc/cpuinfo").read_text() for f in ("amx_bf16", "avx512_bf16")) \
+        if Path("/proc/cpuinfo").exists() else False
+    assert magan.native_bf16(torch.device("cpu")) == cpu_has_it
+    cfg = Config(size=32, ch=4, n_res=1)
+    for fast, bf16 in ((False, None), (True, False), (True, True)):
+        _, _, autocast = magan.place_networks(MAGAN(cfg), None, torch.device("cpu"), fast, bf16)
+        assert isinstance(autocast, torch.autocast) == bool(bf16)
 
 
 # =================================================================================================
@@ -1688,6 +1737,7 @@ def test_progress_from_the_first_iteration_then_by_time(tmp_path, capsys, monkey
     lines = [l for l in capsys.readouterr().out.splitlines() if l.startswith("[")]
     assert [l.split("]")[0] for l in lines] == expected
     assert "first iteration:" in lines[0] and all("it/s" in l and "ETA" in l for l in lines)
+    assert "ETA --" in lines[0] and "ETA --" not in lines[-1]  # the start-up is not in the ETA
 
 
 def test_workers_default_to_the_machine(monkeypatch):
