@@ -37,7 +37,12 @@ Where we depart from the papers (each is explained where it is made):
   * two discriminators per domain, a global and a local one, as U-GAT-IT (MAGAN draws one);
   * eq. 2 prints a(x) = Conv(a_α, a_β), two inputs; we read three, Conv(a_β, a_α, a_γ), as the
     text around it describes (SAM's map re-weights θ too);
-  * the spatial activation map γ is scaled to unit root-mean-square before its classifier;
+  * the spatial activation map γ is scaled to unit root-mean-square before its classifier; at
+    another translation size its learned weight map is resized bilinearly (eval mode only);
+  * the discriminators' 1x1 conv after the attention is not spectrally normalised (as U-GAT-IT);
+  * numerics, not maths: the attention's class logits and SAM's map are computed in fp32 under
+    autocast on every device; each network sees its batched inputs (source and identity, real and
+    fake) in one forward pass, and the fakes are computed once per iteration;
   * MAGAN's eq. 7 is garbled in print: the generators' class logits get U-GAT-IT's CAM loss, the
     discriminators' the adversarial loss;
   * the discriminators' attention maps use the spectrally *normalised* classifier weight, the one
