@@ -1588,7 +1588,7 @@ def place_networks(nets: nn.Module, vgg: VGGFeatures | None, device: torch.devic
       convolutions and matmuls in bfloat16 (twice the tensor-core rate, half the activation
       memory). bf16 keeps fp32's exponent range, so no loss scaling is needed (unlike fp16). Norm
       statistics, Gram matrices, SAM's γ, the class logits and the losses stay in fp32 (sections 1-5).
-      Where bf16 is emulated it is slower than fp32 (measured: 1.6x slower on a CPU without it).
+      Where bf16 is emulated it is slower than fp32 (measured on a CPU without it: 1.6-2.5x).
     On CUDA, cuda_numerics sets TF32 and cudnn.benchmark. Returns (nets, vgg, the step's autocast)."""
     nets = nets.to(device)
     vgg = vgg.to(device) if vgg is not None else None
@@ -1926,10 +1926,11 @@ class RunFolder:
         path = "fp32 fast path" if fast else "fp32"
         path = "bf16 fast path" if isinstance(autocast, torch.autocast) else path
         where = f"{procs.world} processes on {self.device.type}" if procs.world > 1 else str(self.device)
+        why_large = (f"the G loss starts at several thousand because the CAM term is weighted {cfg.w_cam:g}; "
+                     if cfg.w_cam >= 100 else "")
         self.say(f"training {cfg.iters} iterations on {where} ({path}), {workers} data worker(s); "
                  f"{len(data.files[0])} + {len(data.files[1])} images; run folder {self.folder}\n"
-                 + (f"(the G loss starts at several thousand because the CAM term is weighted {cfg.w_cam:g}; "
-                    if cfg.w_cam >= 100 else "(") + f"see it all in {self.folder / 'index.html'})", flush=True)
+                 f"({why_large}see it all in {self.folder / 'index.html'})", flush=True)
         if self.device.type == "cpu" and (cfg.size >= 256 or cfg.ch >= 64):
             self.say("note: on a CPU an iteration at this size and width takes many seconds (24 s at 256 px, "
                      "ch 64 on 2 cores); for real photos on a laptop, see --preset laptop", flush=True)
