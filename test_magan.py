@@ -8,7 +8,6 @@ a closed form, numbers worked by hand, a PIL or torch.nn.functional reference), 
 second call of the same code. Everything runs on CPU at 32-64 px with narrow networks and a
 randomly initialised VGG: no download, no GPU."""
 
-import dataclasses
 import doctest
 import json
 import math
@@ -84,7 +83,7 @@ def naive_attention(theta, w_gap, w_gmp, w_sam, p, conv1x1, slope):
     """MAGAN eq. 1-2 by loops: logits (ξ_gap, ξ_gmp, ξ_sam) and a = act(Conv1x1([ω_β θ, ω_α θ, ω_γ θ])).
     γ = Σ_n |θ_n|^p, scaled to unit root-mean-square over the h·w positions."""
     B, C, h, w = theta.shape
-    logits, maps = [], []
+    logits = []
     for b in range(B):
         xi_gap = sum(w_gap[n].item() * theta[b, n].mean().item() for n in range(C))
         xi_gmp = sum(w_gmp[n].item() * theta[b, n].max().item() for n in range(C))
