@@ -1531,10 +1531,16 @@ def build_networks(cfg: Config, device: torch.device, say=print):
     fast = cfg.fast and device.type != "mps"
     nets, vgg, autocast = place_networks(MAGAN(cfg), vgg, device, fast)
     opt_G, opt_D = make_optimizers(nets, cfg, fast and device.type == "cuda")  # fused: CUDA only
-    if cfg.compile and compiler_works(device, say):  # compiled at the first call, so restoring
-        for net in list(nets.children()) + ([vgg] if vgg is not None else []):  # a checkpoint later is
-            net.compile()  # fine: in place, the state_dict keys stay the same
+    if cfg.compile and compiler_works(device, say):
+        compile_in_place(nets, vgg)
     return nets, vgg, opt_G, opt_D, autocast, fast
+
+
+def compile_in_place(nets: MAGAN, vgg: VGGFeatures | None):
+    """torch.compile each network in place: the state_dict keys stay the same, and the code is
+    generated at the first call, so restoring a checkpoint afterwards is fine."""
+    for net in list(nets.children()) + ([vgg] if vgg is not None else []):
+        net.compile()
 
 
 def compiler_works(device: torch.device, say=print) -> bool:
@@ -1597,7 +1603,8 @@ def place_networks(nets: nn.Module, vgg: VGGFeatures | None, device: torch.devic
     if fast:
         nets = nets.to(memory_format=torch.channels_last)
         vgg = vgg.to(memory_format=torch.channels_last) if vgg is not None else None
-    bf16 = fast and native_bf16(device) if bf16 is None else bf16
+    if bf16 is None:
+        bf16 = fast and native_bf16(device)
     return nets, vgg, torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
 
 
@@ -1635,7 +1642,7 @@ def to_device(x: torch.Tensor, device: torch.device, fast: bool) -> torch.Tensor
 # Data loading overlaps with compute: DataLoader's worker processes decode and augment the next
 # batches while the networks train on this one, so reading costs an iteration nothing as long as
 # it is faster than the step. It is, by far: measured on horse2zebra (256 px JPEGs), 6 ms to read,
-# decode and augment one image of each domain, against a step of about 400 ms at 96 px on 2 cores
+# decode and augment one image of each domain, against a step of about 500 ms at 96 px on 2 cores
 # (`bench` prints both). One worker is enough then; more would only take a core from torch's own
 # threads, hence "one fewer than the cores, at most 4".
 def loader_workers(workers: int, processes_per_machine: int, say=print) -> int:
@@ -2953,8 +2960,7 @@ def time_iterations(cfg: Config, row: BenchRow, device: torch.device, procs: Pro
     nets, vgg, autocast = place_networks(MAGAN(cfg), vgg, device, row.fast, bf16=row.bf16)
     opt_G, opt_D = make_optimizers(nets, cfg, row.fused)
     if row.compiled:
-        for net in list(nets.children()) + ([vgg] if vgg is not None else []):
-            net.compile()
+        compile_in_place(nets, vgg)
     x_a = to_device(torch.rand(cfg.batch, 3, cfg.size, cfg.size) * 2 - 1, device, row.fast)
     x_b = to_device(torch.rand(cfg.batch, 3, cfg.size, cfg.size) * 2 - 1, device, row.fast)
     synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
