@@ -46,7 +46,8 @@ Where we depart from the papers (each is explained where it is made):
   * MAGAN's eq. 7 is garbled in print: the generators' class logits get U-GAT-IT's CAM loss, the
     discriminators' the adversarial loss;
   * the discriminators' attention maps use the spectrally *normalised* classifier weight, the one
-    that gave the logit (U-GAT-IT's code uses the raw parameter);
+    that gave the logit, as U-GAT-IT's TensorFlow code since its fix of August 2019 (its PyTorch
+    port uses the raw parameter, whose norm is about 0.6);
   * light mode by default (U-GAT-IT's --light; the paper's full mode is --full);
   * below 96 px the global discriminator halves the image fewer than five times (64 px: four, to a
     4x4 grid; 32 px: three), where U-GAT-IT's code fails;
@@ -257,9 +258,10 @@ class MultiAngleAttention(nn.Module):
         B, C, h, w = theta.shape
         logits, maps = [], []
         # Each `fc.weight` is read once. Under spectral norm that is the *normalised* weight, the
-        # one that produced the logit (U-GAT-IT's code re-weights θ with the raw parameter), and
-        # every read runs a power iteration. The logits are three tiny matrix products, which
-        # autocast (CPU and CUDA) would run in bf16: they run in fp32, with autocast off.
+        # one that produced the logit (as U-GAT-IT's TensorFlow code; its PyTorch port re-weights θ
+        # with the raw parameter), and every read runs a power iteration. The logits are three tiny
+        # matrix products, which autocast (CPU and CUDA) would run in bf16: they run in fp32, with
+        # autocast off.
         with torch.autocast(theta.device.type, enabled=False):
             pooled = theta.float()
             if "gap" in self.fc:
