@@ -281,7 +281,8 @@ class MultiAngleAttention(nn.Module):
                 # transfer) is too small: under spectral norm |ω_γ| = 1, so ξ_γ would be stuck in
                 # [-1, 1] and D could not reach the LSGAN targets. Measured with a D trained alone
                 # (128 px, grid 15): SAM's LSGAN loss stayed at 0.47 (real 0.46 vs fake 0.42); with
-                # unit RMS 0.22 (0.74 vs 0.27). Unit RMS is unit L2 norm times sqrt(h·w).
+                # unit RMS 0.22 (0.74 vs 0.27). Unit RMS is unit L2 norm times sqrt(h·w). In full
+                # training runs (horse2zebra, 128 px, two seeds) unit L2 learnt no faster either.
                 energy = energy.flatten(1)                             # (B, h·w)
                 energy = energy * torch.rsqrt(energy.square().mean(dim=1, keepdim=True) + 1e-12)
                 weight = self.sam_weight_map(h, w)                     # ω_γ: (h, w)
@@ -1218,6 +1219,9 @@ def d_step(nets: MAGAN, x_a, x_b, t: Translations, opt_D, w: LossWeights, gan_lo
     with autocast:
         for D, real, fake, mask in judges(nets, x_a, x_b, t):
             mask = None if mask is None else mask.detach()
+            # Real and fake in one pass (U-GAT-IT's code makes two): the same maths, since no layer
+            # of D mixes samples (no batch statistics; SAM's γ is scaled per sample). Only spectral
+            # norm's power iteration runs once per D step here, twice there.
             out = D(torch.cat([discriminator_input(real, mask), discriminator_input(fake.detach(), mask)]))
             patch_real, patch_fake = out.patch.chunk(2)      # one pass for both: (B, 1, h−1, w−1) each
             cls_real, cls_fake = out.logits.chunk(2)         # (B, n_angles) each

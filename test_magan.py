@@ -457,6 +457,21 @@ def test_discriminator_wiring():
     assert torch.equal(out.logits, calls["attention"][0][1].logits)
 
 
+def test_real_and_fake_in_one_discriminator_batch_equal_two_passes():
+    """d_step judges real and fake images in one batch (U-GAT-IT's code makes two passes). That is
+    the same maths only if no layer of D mixes samples: no batch statistics, SAM's γ scaled per
+    sample. In eval mode (σ of spectral norm fixed) the two ways must agree."""
+    torch.manual_seed(0)
+    D = Discriminator(ch=4, n_down=3, size=64).eval()
+    real, fake = torch.rand(2, 3, 64, 64) * 2 - 1, torch.rand(3, 3, 64, 64) * 2 - 1
+    with torch.no_grad():
+        both = D(torch.cat([real, fake]))
+        alone = [D(real), D(fake)]
+    for field in ("patch", "logits", "heatmap"):
+        joined = torch.cat([getattr(out, field) for out in alone])
+        torch.testing.assert_close(getattr(both, field), joined, rtol=1e-5, atol=1e-6)
+
+
 # =================================================================================================
 # Losses (MAGAN §2.3, eq. 4-8; U-GAT-IT §2.2, eq. 2-7)
 # =================================================================================================
