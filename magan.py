@@ -282,7 +282,7 @@ class MultiAngleAttention(nn.Module):
                 # [-1, 1] and D could not reach the LSGAN targets. Measured with a D trained alone
                 # (128 px, grid 15): SAM's LSGAN loss stayed at 0.47 (real 0.46 vs fake 0.42); with
                 # unit RMS 0.22 (0.74 vs 0.27). Unit RMS is unit L2 norm times sqrt(h·w). In full
-                # training runs (horse2zebra, 128 px, two seeds) unit L2 learnt no faster either.
+                # training runs (horse2zebra, 128 px, three seeds) unit L2 learnt no faster either.
                 energy = energy.flatten(1)                             # (B, h·w)
                 energy = energy * torch.rsqrt(energy.square().mean(dim=1, keepdim=True) + 1e-12)
                 weight = self.sam_weight_map(h, w)                     # ω_γ: (h, w)
