@@ -1223,7 +1223,7 @@ def d_step(nets: MAGAN, x_a, x_b, t: Translations, opt_D, w: LossWeights, gan_lo
             # of D mixes samples (no batch statistics; SAM's γ is scaled per sample). Only spectral
             # norm's power iteration runs once per D step here, twice there.
             out = D(torch.cat([discriminator_input(real, mask), discriminator_input(fake.detach(), mask)]))
-            patch_real, patch_fake = out.patch.chunk(2)      # one pass for both: (B, 1, h−1, w−1) each
+            patch_real, patch_fake = out.patch.chunk(2)      # (B, 1, h−1, w−1) each
             cls_real, cls_fake = out.logits.chunk(2)         # (B, n_angles) each
             l_adv = l_adv + adversarial_loss(patch_real, True, gan_loss) + adversarial_loss(patch_fake, False,
                                                                                             gan_loss)
