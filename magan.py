@@ -1227,8 +1227,8 @@ def d_step(nets: MAGAN, x_a, x_b, t: Translations, opt_D, w: LossWeights, gan_lo
             # All the class logits, SAM's included, as MAGAN's Γ_D. The official U-GAT-IT D has no
             # SAM; without SAM's logit here and in G's adversarial term (logits[:, :2]) our 128 px
             # runs had crisper texture at 2,000 iterations in four seeds of five, and were level
-            # with these at 3,000: no reason to depart from the paper (README, "Learning as fast as
-            # the official U-GAT-IT?").
+            # with MAGAN's D at 3,000: no reason to depart from the paper (README, "Learning as fast
+            # as the official U-GAT-IT?").
             cls_real, cls_fake = out.logits.chunk(2)         # (B, n_angles) each
             l_adv = l_adv + adversarial_loss(patch_real, True, gan_loss) + adversarial_loss(patch_fake, False,
                                                                                             gan_loss)
