@@ -1271,9 +1271,9 @@ def test_two_processes_train_like_one_with_the_global_batch(two_process_run, tmp
     more than 1e-6 in 6 of 353,416 weights; on a 2-core AMD EPYC the thread count alone moves
     35,000 of them that far (mean gap 4.5e-7, largest 2.1e-4). The two-process run must stay
     within 4 times that floor, and within 1e-8 (mean) and 1e-4 (largest, one Adam step at lr 1e-4)
-    where the floor is smaller. Measured
-    on that AMD CPU: the two-process run's mean gap is 6.2e-7 (1.4 times the floor); with the
-    gradients not averaged (each process following its own sample) it is 1.0e-4, 230 times."""
+    where the floor is smaller. Measured on that AMD CPU: the two-process run's mean gap is 6.2e-7
+    (1.4 times the floor); with the gradients not averaged (each process following its own
+    sample) it is 1.0e-4, 230 times."""
     out, result = two_process_run
     config = dict(batch=2, iters=4, save_every=4, log_every=2, sample_every=100, fast=False)
     one = weights_of(magan.train(tiny_config(tmp_path / "one", **config)))
