@@ -1643,7 +1643,7 @@ def test_requirements_exclude_torch_with_the_spectral_norm_autocast_crash():
 
 
 def test_bench_runs_and_counts_parameters(capsys):
-    cfg = Config(size=32, ch=8, n_res=1, device="cpu", vgg_weights="none", w_style=0.0, w_content=0.0)  # no VGG: quicker
+    cfg = Config(size=32, ch=8, n_res=1, device="cpu", w_style=0.0, w_content=0.0)  # no VGG terms: quicker
     rows = magan.bench(cfg, iters=2, warmup=1)
     bf16 = "+bf16" if magan.native_bf16(torch.device("cpu")) else "+bf16 (emulated)"
     assert [row["mode"] for row in rows] == ["fp32", "+channels_last", "+fused Adam", bf16]  # one change a row
