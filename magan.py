@@ -1560,9 +1560,9 @@ def build_networks(cfg: Config, device: torch.device, say=print):
 # pages, which the kernel must map and zero at the first write. Measured at 96 px, width 16, on a
 # 2-core VM: 5,000-10,000 page faults and 24-27 ms of kernel time an iteration (of about 500 ms of
 # CPU time), against about 100 and 3-4 ms with the two settings below, which keep freed memory in
-# the process for the next iteration to reuse. Peak memory stays what an iteration needs (the process no
-# longer shrinks between iterations, which it did not need to). Where the C library is not glibc
-# (macOS, Windows, musl), nothing changes.
+# the process for the next iteration to reuse. Peak memory stays what an iteration needs (the
+# process no longer shrinks between iterations, which it did not need to). Where the C library is
+# not glibc (macOS, Windows, musl), nothing changes.
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3    # glibc's mallopt() parameter numbers (malloc.h)
 
 
