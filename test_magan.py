@@ -912,19 +912,20 @@ def test_ugatit_preset_resolves_to_its_flags_and_explicit_flags_win(tmp_path):
 
 
 def test_laptop_preset_is_the_readmes_recipe_and_flags_still_win(tmp_path):
-    """--preset laptop: 96 px, width 16, 4 residual blocks, no VGG, compiled, MAGAN's attention and
-    U-GAT-IT's weights, the iterations that fit 45 minutes; a flag after it changes one value."""
+    """--preset laptop: 128 px, width 16, 4 residual blocks, no VGG, compiled, MAGAN's attention and
+    U-GAT-IT's weights at CycleGAN's learning rate, the iterations that fit 45 minutes; a flag
+    after it changes one value."""
     cfg, _ = magan.make_config({"preset": "laptop", "data": str(DATA)})
-    assert (cfg.size, cfg.ch, cfg.n_res, cfg.light, cfg.compile) == (96, 16, 4, True, True)
+    assert (cfg.size, cfg.ch, cfg.n_res, cfg.light, cfg.compile) == (128, 16, 4, True, True)
     assert (cfg.attention, cfg.vgg_weights, cfg.w_style, cfg.w_content) == ("ma", "none", 0.0, 0.0)
-    assert (cfg.w_cycle, cfg.w_identity, cfg.w_cam, cfg.lr) == (10.0, 10.0, 1000.0, 1e-4)
+    assert (cfg.w_cycle, cfg.w_identity, cfg.w_cam, cfg.lr) == (10.0, 10.0, 1000.0, 2e-4)  # CycleGAN's rate
     assert cfg.iters == magan.LAPTOP_ITERS and not magan.needs_vgg(cfg)
-    assert magan.global_depth(96) == 5  # U-GAT-IT's five halvings, to a 3x3 grid
+    assert magan.global_depth(128) == 5  # U-GAT-IT's five halvings, to a 4x4 grid
     readme = (Path(magan.__file__).parent / "README.md").read_text()
     assert "python magan.py train --preset laptop --data horse2zebra" in readme
     assert f"| `--iters` | {magan.LAPTOP_ITERS:,} |" in readme  # the README's table says what runs
-    cfg, _ = magan.make_config({"preset": "laptop", "data": str(DATA), "size": 128, "compile": False})
-    assert (cfg.size, cfg.compile, cfg.ch) == (128, False, 16)
+    cfg, _ = magan.make_config({"preset": "laptop", "data": str(DATA), "size": 96, "compile": False})
+    assert (cfg.size, cfg.compile, cfg.ch) == (96, False, 16)
 
 
 def test_a_mask_fusion_checkpoint_translates_and_resumes(tmp_path):
