@@ -1052,7 +1052,7 @@ PERCEPTUAL = ("w_style", "w_content", "w_selfreg")  # the weights of the terms m
 def needs_vgg(cfg: Config) -> bool:
     return any(getattr(cfg, w) > 0 for w in PERCEPTUAL)
 
-LAPTOP_ITERS = 3000  # under 45 minutes, a first compile included, on the slowest 2-core machine we measured
+LAPTOP_ITERS = 3000  # 16-20 minutes measured on 2 cores; about 36 projected on the slowest machine we used
 
 PRESETS = {
     "magan": {},  # the defaults are MAGAN's
@@ -1067,13 +1067,14 @@ PRESETS = {
     # 128 px, because at 96 px (with 5,000 iterations in the same minutes) three runs scored 0-16%
     # zebras by our classifier, where 128 px runs of 3,000 iterations scored 40-92%. Width 16 with the
     # paper's 4 residual blocks is the setting we compared with the official code; 3,000 iterations
-    # (the rate constant to 1,500, then decaying to 0: the paper's schedule, shortened) fit 45
-    # minutes on the slowest 2-core machine we measured. The learning rate is CycleGAN's 2e-4, twice
-    # U-GAT-IT's: a run this short must learn fast, and in two seeds each it doubled the share of
-    # translations called zebras (mean over the run's snapshots: 48% and 36%, against 16% and 16%).
-    # The VGG losses are off because VGG19's passes would double each iteration; torch.compile's
-    # first start-up (about 3 minutes) pays for itself within the run. The rest (attention, loss
-    # weights, Adam's betas) is the paper's, so that the recipe is MAGAN, only smaller and shorter.
+    # (the rate constant to 1,500, then decaying to 0: the paper's schedule, shortened) should fit
+    # 45 minutes on the slowest 2-core machine we used (projected: about 36). The learning rate is
+    # CycleGAN's 2e-4, twice U-GAT-IT's: a run this short must learn fast, and in two seeds each it
+    # raised the share of translations called zebras (mean over a run's snapshots) from 16% and 16%
+    # to 48% and 36%. The VGG losses are off because VGG19's passes would double each iteration;
+    # torch.compile's first start-up (about 3 minutes) about repays itself over a first run and
+    # saves some 2.5 minutes once its cache is warm (0.32 s an iteration against 0.37). The rest
+    # (attention, loss weights, Adam's betas) is the paper's: the recipe is MAGAN, smaller and shorter.
     "laptop": dict(size=128, ch=16, n_res=4, lr=2e-4, vgg_weights="none", w_style=0.0, w_content=0.0,
                    compile=True, iters=LAPTOP_ITERS, log_every=50, sample_every=500, save_every=500),
 }
