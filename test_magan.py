@@ -8,6 +8,7 @@ a closed form, numbers worked by hand, a PIL or torch.nn.functional reference), 
 second call of the same code. Everything runs on CPU at 32-64 px with narrow networks and a
 randomly initialised VGG: no download, no GPU."""
 
+import dataclasses
 import doctest
 import json
 import math
@@ -767,6 +768,62 @@ def test_learning_rate_schedule():
     assert magan.learning_rate(99, cfg) == pytest.approx(0.02)
 
 
+def test_time_budget_fits_the_iterations_to_the_clock_by_hand():
+    now = [0.0]
+    budget = magan.TimeBudget(10, began=0.0, most=100_000, clock=lambda: now[0], say=lambda *a, **k: None)
+    now[0] = 100.0                   # the first iteration ends after 100 s of start-up: nothing to measure yet
+    assert budget.iterations(1, 100_000) == 100_000
+    now[0] = 125.0                   # 50 more at 0.5 s: 1 + 1,000 iterations fill the 600 s (100 + 1,000 x 0.5)
+    assert budget.iterations(51, 100_000) == 1001
+    now[0] = 175.0                   # 50 more at 1 s: 0.75 s each since the first, 425 s left: 566 more
+    assert budget.iterations(101, 1001) == 101 + 566
+    now[0] = 500.0                   # past half of 667 the decay has begun: fixed, whatever the clock says
+    assert budget.iterations(400, 667) == 667
+    now[0] = 600.0                   # time is up: the iteration just done is the last
+    assert budget.iterations(450, 667) == 450
+    capped = magan.TimeBudget(10, began=0.0, most=300, clock=lambda: now[0], say=lambda *a, **k: None)
+    now[0] = 100.0
+    capped.iterations(1, 300)
+    now[0] = 125.0
+    assert capped.iterations(51, 300) == 300  # never more than --iters
+
+
+def test_a_budgeted_run_ends_at_the_number_that_fits_with_the_rate_decayed(tmp_path, monkeypatch, capsys):
+    """A real run under a fake clock: 20 s of start-up, then 5 s an iteration, in a 1-minute budget:
+    9 iterations fit (20 + 8 x 5 = 60). If the clock then slows, the run ends when time is up."""
+    seconds_each = {}
+
+    class FakeClock(magan.TimeBudget):
+        def __init__(self, minutes, began, most, say=print):
+            super().__init__(minutes, 0.0, most, say=say)
+
+        def iterations(self, iteration, iters):
+            slow = 30.0 * max(0, iteration - 4) if seconds_each.get("slows") else 0.0
+            self.clock = lambda: 20.0 + 5.0 * (iteration - 1) + slow
+            return super().iterations(iteration, iters)
+
+    monkeypatch.setattr(magan, "TimeBudget", FakeClock)
+    cfg = tiny_config(tmp_path, iters=1000, minutes=1, log_every=2, sample_every=1000, save_every=1000)
+    magan.train(cfg)
+    assert "time budget: 9 iterations fit in 1 minutes" in capsys.readouterr().out
+    ckpt = magan.load_checkpoint(tmp_path / "run" / "checkpoints" / "latest.pt")
+    assert ckpt["iteration"] == 9 and ckpt["config"]["iters"] == 9
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["iters"] == 9
+    assert (tmp_path / "run" / "samples" / "a2b_0000009.png").is_file()
+    last = (tmp_path / "run" / "log.csv").read_text().strip().splitlines()[-1].split(",")
+    assert int(last[0]) == 9 and float(last[3]) == pytest.approx(cfg.lr * (9 - 8) / (9 - 4))  # step 8 of 9
+    # resumed, the budget is not applied again: --iters 11 trains to 11
+    magan.train(tiny_config(tmp_path, iters=11, minutes=1, log_every=2, sample_every=1000, save_every=1000,
+                            resume=True))
+    assert "applies to a new run only" in capsys.readouterr().out
+    assert magan.load_checkpoint(tmp_path / "run" / "checkpoints" / "latest.pt")["iteration"] == 11
+    # a machine that slows to 35 s an iteration after iteration 4 (9 fixed): out of time at iteration 6
+    seconds_each["slows"] = True
+    magan.train(dataclasses.replace(cfg, out=str(tmp_path / "slow")))
+    assert "the run ends at iteration 6 of 9" in capsys.readouterr().out
+    assert magan.load_checkpoint(tmp_path / "slow" / "checkpoints" / "latest.pt")["iteration"] == 6
+
+
 # =================================================================================================
 # The other papers' attention ideas: AGGAN's mask fusion, SAT's self-regularisation, presets
 # =================================================================================================
@@ -791,6 +848,36 @@ def test_generator_with_mask_fusion_fuses_its_content_and_mask_with_the_input():
     R, M = torch.tanh(raw[:, :3]), torch.sigmoid(raw[:, 3:])
     assert torch.allclose(out.mask, M) and torch.allclose(out.image, R * M + x * (1 - M), atol=1e-6)
     assert Generator(ch=4, n_res=1, size=32)(x).mask is None
+
+
+def test_fine_detail_by_hand():
+    flat = torch.full((1, 3, 8, 8), 0.3)
+    assert torch.allclose(magan.fine_detail(flat), torch.zeros_like(flat))             # no detail at all
+    checker = (torch.arange(8)[:, None] + torch.arange(8)[None, :]) % 2 * 2.0 - 1     # ±1, period 2
+    checker = checker.expand(1, 3, 8, 8)
+    assert torch.allclose(magan.fine_detail(checker), checker)           # every 4x4 cell averages to 0
+    # one white 4x4 cell in a black 8x8 image: 4x4 averages [[1, −1], [−1, −1]]. Resized back
+    # bilinearly (pixel i samples the 2x2 grid at (i + 0.5)/4 − 0.5, clamped to [0, 1]), row 0 of the
+    # blur runs 1, 1, 0.75, 0.25, −0.25, −0.75, −1, −1 across the cell's edge; x − blur:
+    cell = torch.full((1, 3, 8, 8), -1.0)
+    cell[..., :4, :4] = 1.0
+    detail = magan.fine_detail(cell)
+    assert torch.allclose(detail[0, :, 0], torch.tensor([0, 0, 0.25, 0.75, -0.75, -0.25, 0, 0]).expand(3, 8))
+    assert torch.allclose(detail[0, :, 7], torch.zeros(3, 8))            # far from the cell: nothing
+
+
+def test_detail_skip_adds_the_inputs_fine_detail_to_the_same_generator():
+    torch.manual_seed(0)
+    plain = Generator(ch=4, n_res=1, size=32)
+    skip = Generator(ch=4, n_res=1, size=32, detail_skip=True)
+    skip.load_state_dict(plain.state_dict())                             # the same weights
+    x = random_images(2, 32, 1)
+    assert torch.allclose(skip(x).image, plain(x).image + magan.fine_detail(x), atol=1e-6)
+    nn.init.zeros_(skip.decoder[-1].weight)                              # a network that draws grey (0)
+    assert torch.allclose(skip(x).image, x - F.interpolate(F.avg_pool2d(x, 4), scale_factor=4,
+                                                            mode="bilinear", align_corners=False), atol=1e-6)
+    with pytest.raises(ValueError, match="choose one"):
+        Generator(ch=4, n_res=1, size=32, detail_skip=True, mask_fusion=True)
 
 
 def test_total_variation_of_a_hand_made_mask():
@@ -912,18 +999,19 @@ def test_ugatit_preset_resolves_to_its_flags_and_explicit_flags_win(tmp_path):
 
 
 def test_laptop_preset_is_the_readmes_recipe_and_flags_still_win(tmp_path):
-    """--preset laptop: 128 px, width 16, 4 residual blocks, no VGG, compiled, MAGAN's attention and
-    U-GAT-IT's weights at CycleGAN's learning rate, the iterations that fit 45 minutes; a flag
+    """--preset laptop: 128 px, width 16, 4 residual blocks, no VGG, compiled, MAGAN's attention
+    with the detail skip, cycle weight 1, CycleGAN's learning rate, and a 40-minute budget; a flag
     after it changes one value."""
     cfg, _ = magan.make_config({"preset": "laptop", "data": str(DATA)})
     assert (cfg.size, cfg.ch, cfg.n_res, cfg.light, cfg.compile) == (128, 16, 4, True, True)
     assert (cfg.attention, cfg.vgg_weights, cfg.w_style, cfg.w_content) == ("ma", "none", 0.0, 0.0)
-    assert (cfg.w_cycle, cfg.w_identity, cfg.w_cam, cfg.lr) == (10.0, 10.0, 1000.0, 2e-4)  # CycleGAN's rate
-    assert cfg.iters == magan.LAPTOP_ITERS and not magan.needs_vgg(cfg)
+    assert (cfg.w_cycle, cfg.w_identity, cfg.w_cam, cfg.lr) == (1.0, 10.0, 1000.0, 2e-4)
+    assert cfg.detail_skip and not magan.needs_vgg(cfg)
+    assert (cfg.minutes, cfg.iters) == (magan.LAPTOP_MINUTES, magan.LAPTOP_MOST) == (40, 20_000)
     assert magan.global_depth(128) == 5  # U-GAT-IT's five halvings, to a 4x4 grid
     readme = (Path(magan.__file__).parent / "README.md").read_text()
     assert "python magan.py train --preset laptop --data horse2zebra" in readme
-    assert f"| `--iters` | {magan.LAPTOP_ITERS:,} |" in readme  # the README's table says what runs
+    assert f"| `--minutes` | {magan.LAPTOP_MINUTES} |" in readme  # the README's table says what runs
     cfg, _ = magan.make_config({"preset": "laptop", "data": str(DATA), "size": 96, "compile": False})
     assert (cfg.size, cfg.compile, cfg.ch) == (96, False, 16)
 
@@ -1395,6 +1483,24 @@ def test_translate_writes_a_large_jpeg_at_its_full_size(trained_run, tmp_path):
         written = magan.translate(trained_run / "checkpoints" / "latest.pt", tmp_path / f"{name}.jpg",
                                   tmp_path / "out", device="cpu")
         assert [p.name for p in written] == [f"{name}.png"] and Image.open(written[0]).size == size
+
+
+def test_a_detail_skip_model_changes_the_photo_at_its_own_size(tmp_path):
+    """With the detail skip, translate adds the generator's change G(x) − x, drawn at 32 px and
+    resized, to the 64x48 photo itself: its fine detail stays sharp instead of being resized."""
+    run = magan.train(tiny_config(tmp_path, iters=2, detail_skip=True))
+    photo = gradient_image(64, 48)
+    photo.save(tmp_path / "photo.png")
+    written = magan.translate(run / "checkpoints" / "latest.pt", tmp_path / "photo.png", tmp_path / "out",
+                              device="cpu")
+    G, _ = magan.load_generator(run / "checkpoints" / "latest.pt", "a2b", torch.device("cpu"))
+    x = magan.to_tensor(photo.resize((32, 32), Image.Resampling.BILINEAR))[None]       # (1, 3, 32, 32)
+    with torch.no_grad():
+        change = G(x).image - x
+    expected = magan.to_tensor(photo) + F.interpolate(change, size=(48, 64), mode="bilinear")[0]
+    got = magan.to_tensor(Image.open(written[0]).convert("RGB"))                       # (3, 48, 64)
+    assert got.shape == (3, 48, 64)
+    assert (got - expected.clamp(-1, 1)).abs().max() <= 1.01 / 127.5                   # 8-bit rounding
 
 
 def test_translate_says_what_is_wrong_with_input_and_out(trained_run, tmp_path):
@@ -1872,7 +1978,9 @@ def test_charts_have_axes_and_a_log_scale_where_a_term_spans_decades():
     chart = magan.svg_chart("G", falling)
     labels = [t.split(">")[1].split("<")[0] for t in chart.split("<text")[1:]]
     assert "G (log scale)" in labels and {"10", "100", "1,000"} <= set(labels)
-    assert {"0", "1000", "2000"} <= set(labels) and "iteration" in labels    # iteration ticks
+    assert {"0", "1,000", "2,000"} <= set(labels) and "iteration" in labels  # iteration ticks
+    long_run = magan.svg_chart("D", [(i, 1.0 + i % 2) for i in range(0, 1_000_001, 50_000)])
+    assert ">500k<" in long_run and ">1M<" in long_run                           # not 500000 or 1e+06
     flat = magan.svg_chart("cycle", [(i, 0.5 + 0.01 * (i % 3)) for i in range(10)])
     assert "(log scale)" not in flat and "0.5" in flat
 
