@@ -49,6 +49,8 @@ Where we depart from the papers (each is explained where it is made):
     that gave the logit, as U-GAT-IT's TensorFlow code since its fix of August 2019 (its PyTorch
     port uses the raw parameter, whose norm is about 0.6);
   * light mode by default (U-GAT-IT's --light; the paper's full mode is --full);
+  * --preset laptop only (short CPU runs): the detail skip, G(x) = tanh(network(x)) + x − blur(x)
+    (section 3), and a pixel cycle weight of 1 rather than 10;
   * below 96 px the global discriminator halves the image fewer than five times (64 px: four, to a
     4x4 grid; 32 px: three), where U-GAT-IT's code fails;
   * PyTorch's default weight initialisation and AdaLIN's ρ starting at 1: U-GAT-IT's text gives
@@ -370,7 +372,7 @@ def fine_detail(x: torch.Tensor, factor: int = 4) -> torch.Tensor:
 
 
 class GeneratorOutput(NamedTuple):
-    image: torch.Tensor            # the translation: (B, 3, S, S) in [-1, 1]
+    image: torch.Tensor            # the translation: (B, 3, S, S) in [-1, 1] (detail skip: about)
     logits: torch.Tensor           # the attention's class logits Γ_G(x): (B, n_angles)
     heatmap: torch.Tensor          # (B, 1, S/4, S/4)
     mask: torch.Tensor | None      # AGGAN's attention mask M: (B, 1, S, S), with mask fusion only
@@ -986,9 +988,9 @@ class Config:
     out: str = option("runs/magan", "run folder: config.json, log.csv, index.html, samples/, checkpoints/")
     preset: str = option("magan", "magan: MAGAN's objective with U-GAT-IT's terms; ugatit: U-GAT-IT's (CAM "
                                   "attention, no VGG losses); eq8: MAGAN's eq. 8 as printed (no pixel cycle, "
-                                  "no identity, every weight 1); laptop: real photos on 2 CPU cores in 45 "
-                                  "minutes (128 px, width 16, lr 2e-4, no VGG, compiled). Explicit flags "
-                                  "override a preset",
+                                  "no identity, every weight 1); laptop: real photos on 2 CPU cores in 40 "
+                                  "minutes (128 px, width 16, lr 2e-4, detail skip, cycle weight 1, no VGG, "
+                                  "compiled). Explicit flags override a preset",
                          choices=("magan", "ugatit", "eq8", "laptop"))
     size: int = option(256, "image size S, a multiple of 32 (the paper: 256)", type=image_size)
     # model (U-GAT-IT appendix Tables 4-6; MAGAN §2.1-2.2; AGGAN)
@@ -1088,7 +1090,7 @@ PERCEPTUAL = ("w_style", "w_content", "w_selfreg")  # the weights of the terms m
 def needs_vgg(cfg: Config) -> bool:
     return any(getattr(cfg, w) > 0 for w in PERCEPTUAL)
 
-LAPTOP_MINUTES = 40      # the issue's 45 minutes, less the translation and some room
+LAPTOP_MINUTES = 40      # training and translation within 45 minutes, with some room
 LAPTOP_MOST = 20_000     # iterations at most: 40 minutes on a machine several times faster than ours
 
 PRESETS = {
@@ -1104,8 +1106,8 @@ PRESETS = {
     # 128 px: at 96 px, three runs of the first recipe scored 0-16% zebras by our classifier, where
     # 128 px runs of 3,000 iterations scored 40-92%. Width 16 with the paper's 4 residual blocks is
     # the setting we compared with the official code. The time budget (8.4) fits the iterations to
-    # the machine: about 5,400 in 40 minutes on our 2-core VM, torch.compile's start-up (about 3
-    # minutes the first time) included. CycleGAN's rate 2e-4, twice U-GAT-IT's: a run this short
+    # the machine: 5,872 in 40 minutes on our 2-core AMX VM from a warm compile cache, about 5,400
+    # with the first compile's 2 minutes. CycleGAN's rate 2e-4, twice U-GAT-IT's: a run this short
     # must learn fast (two seeds each, 3,000 iterations: 48% and 36% called zebras against 16% and
     # 16% at 1e-4). No VGG losses: VGG19's passes would halve the iterations that fit. And two
     # departures for short runs (README): the detail skip (section 3), without which every
