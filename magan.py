@@ -372,7 +372,7 @@ def fine_detail(x: torch.Tensor, factor: int = 4) -> torch.Tensor:
 
 
 class GeneratorOutput(NamedTuple):
-    image: torch.Tensor            # the translation: (B, 3, S, S) in [-1, 1] (detail skip: about)
+    image: torch.Tensor            # the translation: (B, 3, S, S) in [-1, 1] (detail skip: slightly beyond)
     logits: torch.Tensor           # the attention's class logits Γ_G(x): (B, n_angles)
     heatmap: torch.Tensor          # (B, 1, S/4, S/4)
     mask: torch.Tensor | None      # AGGAN's attention mask M: (B, 1, S, S), with mask fusion only
