@@ -581,7 +581,7 @@ def train_step(nets, vgg, opt_G, opt_D, x_a, x_b, cfg, autocast=nullcontext(), s
     w_adv ... w_content and gan_loss (section 7); `sync`: averages gradients over processes
     (appendix A). Returns L_D, L_G and each term of L_G before its weight, as 0-d tensors (no
     .item(): a GPU is never made to wait)."""
-    adv = lambda logits, real: adversarial_loss(logits, real, cfg.gan_loss)   # noqa: E731
+    adv = lambda logits, real: adversarial_loss(logits, real, cfg.gan_loss)
     # 1. Translate: [G_ab(x_a); G_ab(x_b)] and [G_ba(x_b); G_ba(x_a)], (2B, 3, S, S) each.
     with autocast:
         image_ab, class_ab, _ = nets.G_ab(torch.cat([x_a, x_b]))
@@ -1131,10 +1131,10 @@ def learning_rate(step: int, cfg: Config) -> float:
 
 class TimeBudget:
     """--minutes M: the run ends within M minutes, start-up included. Its iterations are fixed
-    once, WARMUP iterations after the first (which carries the start-up): as many as fit in 95%
+    once, WARMUP iterations after the first (which carries the start-up): as many as fit in 90%
     of the time left at the speed measured, at most --iters and at least twice those done, so
     that the decay has not begun and the rate never jumps. If the machine slows, time ends it."""
-    WARMUP = 100
+    WARMUP = 300
 
     def __init__(self, minutes: float, began: float, clock=time.monotonic):
         self.deadline, self.clock, self.first = began + 60 * minutes, clock, None
@@ -1144,7 +1144,7 @@ class TimeBudget:
         self.first = self.first or (iteration, now)
         done = iteration - self.first[0]
         if done == self.WARMUP and 2 * iteration <= iters:
-            fits = iteration + int(0.95 * (self.deadline - now) / ((now - self.first[1]) / done))
+            fits = iteration + int(0.9 * (self.deadline - now) / ((now - self.first[1]) / done))
             return min(iters, max(2 * iteration, fits))
         return None
 
@@ -1435,7 +1435,7 @@ def kid_from_features(real: torch.Tensor, fake: torch.Tensor, block_size: int = 
     >>> mean > 5 * std
     True
     """
-    k = lambda u, v: (u @ v.t() / u.shape[1] + 1) ** 3         # k(x, y) for all pairs  # noqa: E731
+    k = lambda u, v: (u @ v.t() / u.shape[1] + 1) ** 3   # k(x, y) for all pairs: (m, n)
     def mmd2(x, y):  # the unbiased MMD² above: i ≠ j leaves the diagonals out
         m, n, k_xx, k_yy = len(x), len(y), k(x, x), k(y, y)
         return ((k_xx.sum() - k_xx.trace()) / (m * (m - 1)) + (k_yy.sum() - k_yy.trace())
@@ -1704,8 +1704,8 @@ def svg_chart(name: str, points: list[tuple[int, float]], w: int = 360, h: int =
     at = math.log10 if log else float                         # a value -> its place on the axis
     x0, x1, y0, y1 = xs[0], max(xs[-1], xs[0] + 1), at(min(ys)), at(max(ys))
     y0, y1 = (y0, y1) if y1 > y0 else (y0 - 0.5, y1 + 0.5)
-    px = lambda x: round(50 + (x - x0) / (x1 - x0) * (w - 60), 1)               # noqa: E731
-    py = lambda y: round(h - 30 - (y - y0) / (y1 - y0) * (h - 50), 1)           # noqa: E731
+    px = lambda x: round(50 + (x - x0) / (x1 - x0) * (w - 60), 1)
+    py = lambda y: round(h - 30 - (y - y0) / (y1 - y0) * (h - 50), 1)
     text = '<text x="{}" y="{}" text-anchor="{}">{}</text>'.format
     parts = [f'<path d="M50 20V{h - 30}H{w - 10}" fill="none" stroke="#888"/>',
              text(50, 13, "start", name + " (log scale)" * log),

@@ -726,8 +726,8 @@ def test_learning_rate_schedule():
 
 def test_time_budget_decides_once_after_the_warm_up_by_hand(monkeypatch):
     """A 10-minute budget; the first iteration ends after 100 s of start-up; then 0.5 s each. Once,
-    WARMUP = 4 iterations later (at 102 s, iteration 5): 95% of the 498 s left at 0.5 s each fits
-    946 more. Never before or after; never more than --iters, never fewer than twice the iterations
+    WARMUP = 4 iterations later (at 102 s, iteration 5): 90% of the 498 s left at 0.5 s each fits
+    896 more. Never before or after; never more than --iters, never fewer than twice the iterations
     done (else the decay would have begun: the rate would jump)."""
     monkeypatch.setattr(magan.TimeBudget, "WARMUP", 4)
     def decisions(most, seconds_each=0.5):
@@ -738,7 +738,7 @@ def test_time_budget_decides_once_after_the_warm_up_by_hand(monkeypatch):
             now[0] = 100.0 + seconds_each * (i - 1)
             answers[i] = budget.iterations(i, most)
         return {i: n for i, n in answers.items() if n is not None}
-    assert decisions(100_000) == {5: 5 + 946}
+    assert decisions(100_000) == {5: 5 + 896}
     assert decisions(300) == {5: 300}                                   # at most --iters
     assert decisions(100_000, seconds_each=200.0) == {5: 10}            # out of time: twice 5, and the
                                                                         # deadline ends the run sooner
@@ -746,7 +746,7 @@ def test_time_budget_decides_once_after_the_warm_up_by_hand(monkeypatch):
 
 def test_a_budgeted_run_never_jumps_its_rate_and_ends_when_time_is_up(tmp_path, monkeypatch):
     """A real run under a fake clock: 35 s of start-up, then 5 s an iteration, in a 1-minute budget,
-    decided 2 iterations after the first (iteration 3, at 45 s): 95% of the 15 s left fits 2 more,
+    decided 2 iterations after the first (iteration 3, at 45 s): 90% of the 15 s left fits 2 more,
     but it takes 6 (twice 3), so that the decay has not begun; the rate is continuous at every
     iteration. A machine that slows to 35 s an iteration after that stops when the minute is up."""
     monkeypatch.setattr(magan.TimeBudget, "WARMUP", 2)
