@@ -1354,6 +1354,18 @@ def test_compile_that_cannot_work_here_is_said_and_skipped(tmp_path, monkeypatch
     magan.train(tiny_config(tmp_path, iters=1, compile=True, sample_every=100, w_style=0, w_content=0))
     assert "--compile is off: torch.compile fails here (RuntimeError: no C++ compiler" in capsys.readouterr().out
 
+def test_every_python_magan_command_in_the_readme_parses():
+    """Each `python magan.py ...` line of the README's code blocks parses: its command and flags exist."""
+    blocks = re.findall(r"```(?:bash|sh)?\n(.*?)```", (HERE / "README.md").read_text(), re.S)
+    commands = [line.split("#")[0].split("python magan.py", 1)[1].split() for block in blocks
+                for line in block.splitlines() if "python magan.py" in line]
+    assert len(commands) >= 6
+    for argv in commands:
+        try:
+            magan.build_parser().parse_args(argv)
+        except SystemExit:
+            pytest.fail(f"README: python magan.py {' '.join(argv)}")
+
 
 # #################################################################################################
 # Robustness: bad input, interrupted runs, untrusted files. Nothing here is the paper.
