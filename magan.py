@@ -1,4 +1,5 @@
-# SPDX-License-Identifier: MIT
+# Copyright (c) 2026 the magan authors
+# SPDX-License-Identifier: MIT   (the licence's text: README.md; keep these two lines in a copy)
 """
 MAGAN: unsupervised image-to-image translation with multi-angle attention, in one file.
 
@@ -18,44 +19,30 @@ use the same attention. Read top to bottom, the file is a tutorial of the paper:
     Part I, the model     1 normalisation  2 attention  3 generator  4 discriminator  5 losses
     Part II, training     6 one iteration  7 the config and the loop  8 what the loop calls
     Part III, using it    9 translate and export  10 KID  11 the command line
-    Appendices            A several GPUs  B the run page  C bench
+    Part IV, extras       12 several GPUs  13 the run page  14 bench  15 the laptop recipe
 
     python magan.py train                         # a demo on the bundled data in data/
     python magan.py train --data horse2zebra      # the paper's setting, CycleGAN folder layout
     python magan.py translate --ckpt runs/NAME/checkpoints/latest.pt --input photos --out out
 
-Where we depart from the papers (each is explained where it is made):
-  * the objective is MAGAN's eq. 8 plus U-GAT-IT's pixel cycle (weight 10) and identity (10)
-    terms, with U-GAT-IT's CAM weight 1000 on L_cate^G. Eq. 8 as printed is --preset eq8;
-  * least-squares adversarial loss, as U-GAT-IT's code (MAGAN prints the BCE form: --gan-loss bce);
-  * the style and content losses are L1 distances relative to the features' own size (MAGAN
-    prints a plain L1, whose scale depends on the VGG weights); the style target is the real
-    target-domain image of the same iteration;
+Where we depart from the papers in ways that change the results (each is argued where it is made;
+smaller readings of ambiguous equations are argued at their lines only):
+  * the objective is MAGAN's eq. 8 plus U-GAT-IT's pixel cycle and identity terms (weight 10 each),
+    with U-GAT-IT's weight 1000 on the generators' attention loss (section 6); --preset eq8 is
+    eq. 8 as printed;
+  * the adversarial loss is least squares, as in U-GAT-IT's code (MAGAN prints the log loss:
+    --gan-loss bce);
+  * the style and content losses are L1 distances relative to the features' own size (section 5);
   * two discriminators per domain, a global and a local one, as U-GAT-IT (MAGAN draws one);
-  * eq. 2 prints a(x) = Conv(a_α, a_β), two inputs; we read three, with SAM's map, as its text does;
-  * SAM's map γ is scaled to unit root-mean-square before its classifier; at another translation
-    size its learnt weight map is resized bilinearly;
-  * MAGAN's eq. 7 is garbled in print: G's class logits get U-GAT-IT's CAM loss, D's the
-    adversarial loss;
-  * D's attention maps use the spectrally *normalised* classifier weight (U-GAT-IT's TensorFlow
-    code; its PyTorch port uses the raw one); D's 1x1 conv after the attention has no spectral norm;
-  * light mode by default (U-GAT-IT's --light; the paper's full mode is --full);
-  * PyTorch's default initialisation, ρ starting at 1, biased variances in AdaLIN and LIN;
-  * below 96 px the global discriminator halves the image fewer than five times;
-  * numerics, not maths: class logits, SAM's map, norm statistics and losses in fp32 under bf16
-    autocast; each network sees its batched inputs in one pass; the fakes are made once;
-  * KID: a cubic kernel and blocks of at most 10 images (TF-GAN's estimator, as U-GAT-IT's tables);
-  * --preset laptop only (short CPU runs): the detail skip G(x) = tanh(network(x)) + x − blur(x),
-    clamped to [-1, 1] (section 3), and a pixel cycle weight of 1.
+  * light mode by default, U-GAT-IT's --light (section 3); the paper's full mode is --full.
 
 Not covered here, to keep one path through the file:
   * AGGAN (Tang et al., IJCNN 2019): mask fusion G(x) = R·M + x·(1 − M), attention-guided
     discriminators, total-variation and pixel losses;
   * Show, Attend and Translate (Yang et al., 2018): self-regularisation and its adaptive weight;
-  * TensorBoard (RUN/log.csv and RUN/index.html show the curves), periodic snapshot checkpoints;
-  * KID's random-subset protocol (torch-fidelity, torchmetrics) and torchvision's own Inception;
-  * fused Adam, glibc's malloc tuning, and each loss term's gradient share (data/experiments.md);
-  * U-GAT-IT's own flag spellings (the README has a table).
+  * TensorBoard and other trackers (RUN/log.csv and RUN/index.html show the curves);
+  * FID, and KID's random-subset protocol (torch-fidelity, torchmetrics);
+  * DistributedDataParallel (section 12 says why) and fp16 mixed precision (bf16 needs no scaler).
 Images are tensors in [-1, 1] everywhere.
 """
 
@@ -66,6 +53,7 @@ import csv
 import dataclasses
 import hashlib
 import html
+import io
 import json
 import math
 import os
@@ -97,9 +85,7 @@ def first_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {text.splitlines()[0]}" if text else type(error).__name__
 
 # #################################################################################################
-#
 #                                       PART I: THE MODEL
-#
 # #################################################################################################
 # =================================================================================================
 # 1. Normalisation (U-GAT-IT §2.1.1, eq. 1)
@@ -181,7 +167,7 @@ class InstanceNorm(nn.InstanceNorm2d):
 # MAGAN's addition: γ sums the channels' activation energy at each position, so its classifier
 # learns *where* the domains differ rather than in which channels. A larger p favours the most
 # active positions: p = 2 in G, which must find the region to translate; p = 1 in D, which must
-# judge the whole image (MAGAN §2.2, Table 5).
+# judge the whole image (MAGAN §2.2, MAGAN Table 5).
 # The logits are sums of products in fp32, written as the equations above: they stay fp32 under
 # bf16 autocast, which would round a matrix product (and its gradient) to 8 bits of mantissa.
 
@@ -235,8 +221,11 @@ class MultiAngleAttention(nn.Module):
         B, C, h, w = theta.shape
         pooled = theta.float()  # the logits' inputs in fp32, whatever autocast made of θ
         logits, maps = [], []
-        # Each `fc.weight` is read once. Under spectral norm that is the *normalised* weight, the
-        # one that produces the logit, and every read runs one power iteration.
+        # Each `fc.weight` is read once, never through fc(...). Under the spectral norm imported
+        # above (torch.nn.utils.parametrizations) the read *computes* the normalised weight, with
+        # its gradient, and runs one power iteration. Beware the older torch.nn.utils.spectral_norm
+        # of U-GAT-IT's code and most tutorials: it refreshes .weight only when fc(...) is called,
+        # so this read would give D's attention classifiers no gradient at all.
         for name, pool in (("gap", torch.mean), ("gmp", torch.amax)):            # β, α: (B, C)
             if name in self.fc:
                 weight = self.fc[name].weight.view(C)                          # ω_β or ω_α: (C,)
@@ -264,7 +253,7 @@ class MultiAngleAttention(nn.Module):
         return a, logits, a.sum(dim=1, keepdim=True)                   # heatmap: (B, 1, h, w)
 
 # =================================================================================================
-# 3. Generator (MAGAN §2.1, Fig. 2(b); layer table: U-GAT-IT appendix Table 4)
+# 3. Generator (MAGAN §2.1, Fig. 2(b); its layers: U-GAT-IT Table 4, in its appendix)
 # =================================================================================================
 #
 #   x ─ encoder E ─ θ ─ attention ─ a(x) ─ MLP ─ (γ, β)
@@ -305,20 +294,6 @@ class AdaLINResBlock(nn.Module):
         h = F.relu(self.norm1(self.conv1(x), gamma, beta))
         return x + self.norm2(self.conv2(h), gamma, beta)
 
-# The detail skip (--detail-skip: the laptop recipe's one change to the model; off by default).
-# A generator without skip connections must carry every edge of its input through its S/4 grid
-# and draw it again, and it learns that slowly: in a short run its translations are blurred, and
-# D tells them from photos by the blur alone. The skip hands the detail finer than that grid,
-# what averaging over 4x4 pixels removes, straight to the output:
-#     G(x) = clamp(tanh(network(x)) + x − blur(x), −1, 1)
-# The network draws the coarse image (colours, light, stripes); the photo keeps its own edges.
-# The clamp keeps every image in [-1, 1]: values beyond would tell D which images are fakes.
-def fine_detail(x: torch.Tensor, factor: int = 4) -> torch.Tensor:
-    """x − blur(x): what averaging over factor x factor cells, resized back, removes.
-    (B, 3, S, S) -> (B, 3, S, S), S a multiple of factor."""
-    coarse = F.avg_pool2d(x, factor)                                           # (B, 3, S/4, S/4)
-    return x - F.interpolate(coarse, scale_factor=factor, mode="bilinear", align_corners=False)
-
 class Generator(nn.Module):
     """x: (B, 3, S, S) -> the translation G(x): (B, 3, S, S) in [-1, 1], the attention's class
     logits Γ_G(x): (B, n_angles) and its heatmap: (B, 1, S/4, S/4). S is a multiple of 4; a
@@ -326,7 +301,6 @@ class Generator(nn.Module):
 
     `light`: the γ, β MLP reads the global average of a(x) (U-GAT-IT's --light) instead of the
     whole flattened map (the paper's full mode: C·(S/4)²·C weights, 268M at S = 256, ch = 64).
-    `detail_skip`: the input's fine detail is added to the output (above).
 
     >>> G = Generator(ch=8, n_res=2, size=64)                  # C = 4·ch = 32 channels at S/4
     >>> image, logits, heatmap = G(torch.rand(2, 3, 64, 64) * 2 - 1)   # images in [-1, 1]
@@ -335,7 +309,7 @@ class Generator(nn.Module):
     """
 
     def __init__(self, ch: int = 64, n_res: int = 4, size: int = 256, light: bool = True,
-                 attention: str = "ma", p: float = 2.0, detail_skip: bool = False):
+                 attention: str = "ma", p: float = 2.0):
         super().__init__()
         C, grid = 4 * ch, size // 4
         # Encoder E: a 7x7 conv to ch, two stride-2 3x3 convs to 2ch and 4ch = C, n_res res blocks.
@@ -348,8 +322,8 @@ class Generator(nn.Module):
         layers += [ResBlock(C) for _ in range(n_res)]
         self.encoder = nn.Sequential(*layers)
         self.attention = MultiAngleAttention(C, grid, attention, p)
-        self.light, self.grid, self.detail_skip = light, grid, detail_skip
-        # γ, β: two FC + ReLU layers of width C, then one linear head each (Table 4).
+        self.light, self.grid = light, grid
+        # γ, β: two FC + ReLU layers of width C, then one linear head each (U-GAT-IT Table 4).
         self.mlp = nn.Sequential(nn.Linear(C if light else C * grid * grid, C, bias=False),
                                  nn.ReLU(), nn.Linear(C, C, bias=False), nn.ReLU())
         self.to_gamma = nn.Linear(C, C, bias=False)
@@ -377,13 +351,10 @@ class Generator(nn.Module):
         h = a                                                       # the decoder starts from a(x)
         for block in self.res_blocks:
             h = block(h, gamma, beta)                               # (B, C, S/4, S/4)
-        image = torch.tanh(self.decoder(h))                         # (B, 3, S, S)
-        if self.detail_skip:                                        # + the input's own detail
-            image = (image.float() + fine_detail(x.float())).clamp(-1, 1)
-        return image, logits, heatmap
+        return torch.tanh(self.decoder(h)), logits, heatmap         # G(x): (B, 3, S, S)
 
 # =================================================================================================
-# 4. Discriminator (MAGAN §2.2, eq. 3; U-GAT-IT appendix Tables 5-6)
+# 4. Discriminator (MAGAN §2.2, eq. 3; its layers: U-GAT-IT Tables 5-6)
 # =================================================================================================
 # Per domain, two PatchGAN discriminators judge every patch of an image: a local one down to S/8
 # (a 70x70 receptive field at 256 px: textures, stripes) and a global one down to S/32 (286x286:
@@ -417,7 +388,7 @@ class Discriminator(nn.Module):
                  p: float = 1.0):
         super().__init__()
         # n_down stride-2 4x4 convs (widths ch, 2ch, ... ch·2^(n_down−1)), then one stride-1 4x4
-        # conv to C = ch·2^n_down: Table 5 (local, n_down = 3) and Table 6 (global, n_down = 5).
+        # conv to C = ch·2^n_down: U-GAT-IT Table 5 (local, n_down = 3) and 6 (global, 5).
         widths = [3] + [ch * 2**i for i in range(n_down)]                      # 3, ch, 2ch, ...
         layers = []
         for c_in, c_out in zip(widths[:-1], widths[1:]):
@@ -520,13 +491,32 @@ class VGGFeatures(nn.Module):
         relu4_4 = self.to_relu4_4(x)                       # (B, 512, S/8, S/8)
         return relu4_4, self.to_relu5_4(relu4_4)           # and (B, 512, S/16, S/16)
 
+VGG_HELP = """the style and content losses need VGG19's ImageNet weights ({reason}). Fixes:
+  * run once with internet (they go to {cache}), or copy vgg19-dcbb9e9d.pth there
+  * --vgg-weights PATH: that file, elsewhere;  --w-style 0 --w-content 0: no VGG losses
+  * --vgg-weights random: random VGG features, for offline smoke runs only (NOT the paper)"""
+
+def load_vgg(spec: str) -> VGGFeatures:
+    """torchvision's VGG19 for the two losses: imagenet | PATH | random. Offline, the first fails
+    with the fixes above (a MaganError: the command line prints it as one line)."""
+    try:
+        if spec == "imagenet":
+            return VGGFeatures(vgg19(weights=VGG19_Weights.IMAGENET1K_V1))
+        net = vgg19()  # torchvision's initialisation: a random VGG is for smoke runs only
+        if spec != "random":
+            state = torch.load(spec, map_location="cpu", weights_only=True)
+            state = {k[9:]: v for k, v in state.items() if k.startswith("features.")}
+            net.features.load_state_dict(state)
+        return VGGFeatures(net)
+    except Exception as e:
+        cache = f"{torch.hub.get_dir()}/checkpoints"
+        raise MaganError(VGG_HELP.format(reason=first_line(e), cache=cache)) from None
+
 # #################################################################################################
-#
 #                                      PART II: TRAINING
-#
 # #################################################################################################
 # =================================================================================================
-# 6. One iteration (MAGAN §2.3, eq. 8; U-GAT-IT §2.2, eq. 7 and appendix B.2)
+# 6. One iteration (MAGAN §2.3, eq. 8; U-GAT-IT §2.2, eq. 7 and U-GAT-IT appendix B.2)
 # =================================================================================================
 
 class MAGAN(nn.Module):
@@ -538,16 +528,19 @@ class MAGAN(nn.Module):
 
     def __init__(self, cfg):  # any object with the Config fields (section 7) the networks read
         super().__init__()
-        def G():
-            return Generator(cfg.ch, cfg.n_res, cfg.size, cfg.light, cfg.attention, cfg.p_gen,
-                             cfg.detail_skip)
         def D(n_down):
             return Discriminator(cfg.ch, n_down, cfg.size, cfg.attention, cfg.p_dis)
-        self.G_ab, self.G_ba = G(), G()
+        self.G_ab, self.G_ba = make_generator(cfg), make_generator(cfg)
         self.D_ga, self.D_gb = D(global_depth(cfg.size)), D(global_depth(cfg.size))  # to S/32
         self.D_la, self.D_lb = D(3), D(3)                                            # to S/8
         self.generators = [self.G_ab, self.G_ba]
         self.discriminators = [self.D_ga, self.D_gb, self.D_la, self.D_lb]
+
+def make_generator(cfg) -> Generator:
+    """The paper's Generator; with --detail-skip, the laptop recipe's DetailSkipGenerator
+    (section 15: not the paper), which adds one step after the same network."""
+    kind = DetailSkipGenerator if cfg.detail_skip else Generator
+    return kind(cfg.ch, cfg.n_res, cfg.size, cfg.light, cfg.attention, cfg.p_gen)
 
 # MAGAN (8) defines one objective per player:
 #   L_{G,Γ_G} = L_adv + L_style + L_rec + L_cate^G      minimised by the generators
@@ -575,11 +568,19 @@ class MAGAN(nn.Module):
 # The fakes of step 1 serve both steps: computed once (U-GAT-IT's code computes them twice; the
 # generators have not changed in between, so the numbers are the same).
 
+def update(optimizer: torch.optim.Optimizer, loss: torch.Tensor, networks, sync=None):
+    """Backward, then (with several processes) average the gradients, then one optimizer step."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if sync is not None:
+        sync(networks)
+    optimizer.step()
+
 def train_step(nets, vgg, opt_G, opt_D, x_a, x_b, cfg, autocast=nullcontext(), sync=None) -> dict:
     """One iteration on x_a, x_b: (B, 3, S, S) in [-1, 1]. `nets`: the six networks (MAGAN above);
     `vgg`: a VGGFeatures, or None when the style and content weights are 0; `cfg`: the weights
     w_adv ... w_content and gan_loss (section 7); `sync`: averages gradients over processes
-    (appendix A). Returns L_D, L_G and each term of L_G before its weight, as 0-d tensors (no
+    (section 12). Returns L_D, L_G and each term of L_G before its weight, as 0-d tensors (no
     .item(): a GPU is never made to wait)."""
     adv = lambda logits, real: adversarial_loss(logits, real, cfg.gan_loss)
     # 1. Translate: [G_ab(x_a); G_ab(x_b)] and [G_ba(x_b); G_ba(x_a)], (2B, 3, S, S) each.
@@ -648,159 +649,114 @@ def train_step(nets, vgg, opt_G, opt_D, x_a, x_b, cfg, autocast=nullcontext(), s
                  style=l_style, content=l_content)
     return {name: value.detach() for name, value in terms.items()}
 
-def update(optimizer: torch.optim.Optimizer, loss: torch.Tensor, networks, sync=None):
-    """Backward, then (with several processes) average the gradients, then one optimizer step."""
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    if sync is not None:
-        sync(networks)
-    optimizer.step()
-
 # =================================================================================================
 # 7. The configuration and the loop
 # =================================================================================================
 # One dataclass holds every setting; each default is the paper's, or says where the paper is
 # silent. The command line is generated from it (section 11): each field is a flag (`n_res` ->
-# `--n-res`) whose help is the text beside it and whose `type` refuses a bad value while the
-# command line is parsed, with the reason.
-
-def checked(convert, rule, explain: str):
-    """An argparse `type`: convert the text, then refuse a value that breaks `rule`, saying why."""
-    def parse(text: str):
-        value = convert(text)
-        if not rule(value):
-            raise argparse.ArgumentTypeError(f"{text} {explain}")
-        return value
-    return parse
-
-image_size = checked(int, lambda v: v >= 32 and v % 32 == 0, "is not a multiple of 32: G halves "
-                     "the image twice, the global D up to five times")
-count = checked(int, lambda v: v > 0, "must be a positive integer")
-weight = checked(float, lambda v: 0 <= v < math.inf, "must be a finite number >= 0 (0: off)")
-exponent = checked(float, lambda v: 1 <= v < math.inf, "must be at least 1 (section 2)")
-device_name = checked(str, lambda v: v in ("auto", "cpu", "cuda", "mps") or v[:5] == "cuda:" and
-                      v[5:].isdigit(), "is not a device: use auto, cpu, cuda, cuda:N or mps")
+# `--n-res`) whose help is the text beside it. Section 11 also holds the rule each value keeps,
+# the presets and the demo.
 
 def option(default, help: str, **argparse_kwargs):
-    """A Config field with its help text (and a `type=` check from above, or `choices=`)."""
+    """A Config field with its help text (and `choices=` where the values are a few names)."""
     return field(default=default, metadata=dict(help=help, **argparse_kwargs))
 
 @dataclass
 class Config:
-    # data and the run folder: --data ROOT for the CycleGAN layout ROOT/trainA, trainB, testA, testB
-    # (--a or --b then replaces one domain), or --a and --b alone
+    # the data and the run folder: --data ROOT (the CycleGAN layout ROOT/trainA, trainB, testA,
+    # testB; --a or --b then replaces one domain), or --a and --b
     data: str = option("", "a dataset root: ROOT/trainA, trainB (testA, testB for the samples)")
-    a: str = option("data/trainA", "folder of domain-A training images")
-    b: str = option("data/trainB", "folder of domain-B training images")
+    a: str = option("", "folder of domain-A training images")
+    b: str = option("", "folder of domain-B training images")
     out: str = option("runs/magan", "the run folder")
-    size: int = option(256, "image size S, a multiple of 32 (the paper: 256)", type=image_size)
-    # the model (U-GAT-IT appendix Tables 4-6; MAGAN §2.1-2.2). Light mode: the γ, β MLP reads the
-    # pooled attention map; --full is the paper's setting, with ~268M weights per G at 256 px.
-    ch: int = option(64, "base width of every network (the paper: 64)", type=count)
-    n_res: int = option(4, "residual blocks in G's encoder and decoder (the paper: 4)", type=count)
+    size: int = option(256, "image size S, a multiple of 32 (the paper: 256)")
+    # the model (U-GAT-IT Tables 4-6; MAGAN §2.1-2.2). Light mode: the γ, β MLP reads the pooled
+    # attention map; --full is the paper's setting, with ~268M weights per G at 256 px.
+    ch: int = option(64, "base width of every network (the paper: 64)")
+    n_res: int = option(4, "residual blocks in G's encoder and decoder (the paper: 4)")
     light: bool = option(True, "light mode; --full: the paper's full mode")
     attention: str = option("ma", "MAGAN's, U-GAT-IT's, SAM only, none",
                             choices=("ma", "cam", "sam", "none"))
-    p_gen: float = option(2.0, "SAM's exponent p in the generators (MAGAN: 2)", type=exponent)
-    p_dis: float = option(1.0, "SAM's exponent p in the discriminators (MAGAN: 1)", type=exponent)
-    detail_skip: bool = option(False, "the detail skip of section 3 (not the paper)")
+    p_gen: float = option(2.0, "SAM's exponent p in the generators (MAGAN: 2)")
+    p_dis: float = option(1.0, "SAM's exponent p in the discriminators (MAGAN: 1)")
+    detail_skip: bool = option(False, "the laptop recipe's detail skip (section 15; not the paper)")
     gan_loss: str = option("lsgan", "U-GAT-IT's, or MAGAN's eq. 4", choices=("lsgan", "bce"))
     # the loss weights, 0 to switch a term off: U-GAT-IT's, and 1 for MAGAN's own two (untuned)
-    w_adv: float = option(1.0, "adversarial loss (MAGAN eq. 4)", type=weight)
-    w_cycle: float = option(10.0, "pixel cycle loss (U-GAT-IT eq. 3)", type=weight)
-    w_identity: float = option(10.0, "identity loss (U-GAT-IT eq. 4)", type=weight)
-    w_cam: float = option(1000.0, "G's CAM loss (MAGAN eq. 7, U-GAT-IT eq. 5)", type=weight)
-    w_style: float = option(1.0, "Gram style loss on VGG19 relu4_4 (MAGAN eq. 5)", type=weight)
-    w_content: float = option(1.0, "content loss on VGG19 relu5_4 (MAGAN eq. 6)", type=weight)
+    w_adv: float = option(1.0, "adversarial loss (MAGAN eq. 4)")
+    w_cycle: float = option(10.0, "pixel cycle loss (U-GAT-IT eq. 3)")
+    w_identity: float = option(10.0, "identity loss (U-GAT-IT eq. 4)")
+    w_cam: float = option(1000.0, "G's CAM loss (MAGAN eq. 7, U-GAT-IT eq. 5)")
+    w_style: float = option(1.0, "Gram style loss on VGG19 relu4_4 (MAGAN eq. 5)")
+    w_content: float = option(1.0, "content loss on VGG19 relu5_4 (MAGAN eq. 6)")
     vgg_weights: str = option("imagenet", "VGG19: imagenet, PATH, or random (NOT the paper)")
     # optimisation (MAGAN §3.3; U-GAT-IT appendix B.2)
-    iters: int = option(1_000_000, "iterations; the rate decays over the second half", type=count)
-    minutes: float = option(0.0, "a time budget, start-up included (8.4)", type=weight)
-    batch: int = option(1, "images per domain, iteration and process", type=count)
-    lr: float = option(1e-4, "Adam's learning rate, for G and D alike", type=weight)
-    weight_decay: float = option(1e-4, "Adam's weight decay", type=weight)
+    iters: int = option(1_000_000, "iterations; the rate decays over the second half")
+    minutes: float = option(0.0, "a time budget, start-up included: it fixes --iters (8.4)")
+    batch: int = option(1, "images per domain, iteration and process")
+    lr: float = option(1e-4, "Adam's learning rate, for G and D alike")
+    weight_decay: float = option(1e-4, "Adam's weight decay")
     # machinery
-    device: str = option("auto", "auto (CUDA, mps, CPU), cpu, cuda, cuda:N, mps", type=device_name)
-    seed: int = option(0, "random seed: the weights, the data order and the augmentation", type=int)
+    device: str = option("auto", "auto (CUDA, mps, CPU), cpu, cuda, cuda:N, mps")
+    seed: int = option(0, "random seed: the weights, the data order and the augmentation")
     fast: bool = option(True, "channels_last, and bf16 where native (8.3); else fp32")
     compile: bool = option(False, "torch.compile the networks (minutes of start-up)")
-    workers: int = option(-1, "data-loading processes (-1: one fewer than the cores, at most 4)",
-                          type=checked(int, lambda v: v >= -1, "must be -1 or more"))
-    log_every: int = option(100, "a progress line and a log.csv row every N iterations", type=count)
-    sample_every: int = option(1000, "sample grids and the run page every N iterations", type=count)
-    save_every: int = option(1000, "write checkpoints/latest.pt every N iterations", type=count)
+    workers: int = option(-1, "data-loading processes (-1: one fewer than the cores, at most 4)")
+    log_every: int = option(100, "a progress line and a log.csv row every N iterations")
+    sample_every: int = option(1000, "sample grids and the run page every N iterations")
+    save_every: int = option(1000, "write checkpoints/latest.pt every N iterations")
     resume: bool = option(False, "continue the run in --out from its checkpoints/latest.pt")
 
-# The fields that define the networks: a checkpoint only continues under the same values.
-ARCHITECTURE = ("size", "ch", "n_res", "light", "attention", "p_gen", "p_dis", "detail_skip")
-
-# Presets: named sets of flag values, applied over the defaults; the flags the user types win.
-PRESETS = {
-    # U-GAT-IT's objective: CAM attention (GAP and GMP), no VGG losses.
-    "ugatit": dict(attention="cam", w_style=0.0, w_content=0.0),
-    # MAGAN (8) as printed: L_adv + L_style + L_rec + L_cate^G, each weight 1, no cycle or identity.
-    "eq8": dict(w_cam=1.0, w_cycle=0.0, w_identity=0.0),
-    # Real photos on a 2-core laptop in 40 minutes; why each value: data/experiments.md, "laptop".
-    "laptop": dict(size=128, ch=16, lr=2e-4, w_style=0.0, w_content=0.0, detail_skip=True,
-                   w_cycle=1.0, compile=True, minutes=40.0, iters=20_000, log_every=50,
-                   sample_every=500, save_every=500),
-}
-
-# `python magan.py train` with no data: a demo on the bundled data that downloads nothing.
-BUNDLED = Path(__file__).resolve().parent / "data"
-DEMO = dict(a=str(BUNDLED / "trainA"), b=str(BUNDLED / "trainB"), out="runs/demo", size=64,
-            ch=16, n_res=2, w_style=0.0, w_content=0.0, iters=3000, log_every=50, sample_every=250,
-            save_every=500)
-
-# The loop is the whole run in one screen, nanoGPT-style: set up, then iterate. The setup runs in
-# the order that fails fastest: the run folder and config first (no image read), then the data
-# (every folder listed and checked), and only then the slow parts (networks, VGG, compiling).
-# Whatever the user got wrong is reported in the first seconds. The loop body is four stages: set
-# the learning rate, take one step, watch it, save. Section 8 defines what it calls, in order.
+# The loop is the whole run in one screen, nanoGPT-style: set up, then iterate. The set-up runs in
+# the order that fails fastest: the run folder and config first, then the data (every folder
+# listed and checked), and only then the slow parts (networks, VGG, compiling). The loop body is
+# four stages: set the learning rate, take one step, watch it, save. A run's last iteration (its
+# end, a stop signal or the time budget) writes everything: log.csv, the grids, the page, the
+# checkpoint. Section 8 defines what the loop calls, in that order.
 
 def train(cfg: Config, checkpoint: dict | None = None) -> Path:
     """Train (or, with cfg.resume, continue) the run in cfg.out. Returns the run folder."""
-    began = time.monotonic()                                          # --minutes counts from here
-    cfg, checkpoint = check_run(cfg, checkpoint)                      # 8.1
-    data = UnpairedImages(cfg.a, cfg.b, cfg.size, cfg.seed)          # 8.2
-    rank, world, device = start_processes(cfg.device)                 # appendix A: 0, 1 when alone
-    nets, vgg, opt_G, opt_D, autocast = build(cfg, device)           # 8.3
-    if checkpoint:
-        restore(checkpoint, nets, opt_G, opt_D, cfg)
-    run = RunFolder(cfg, checkpoint, device, autocast, data, main=rank == 0)   # 8.5
-    budget = TimeBudget(cfg.minutes, began) if cfg.minutes and not run.start else None   # 8.4
-    batches = training_batches(data, cfg, run.start, rank, world, device)  # workers start here
-    sync = average_gradients if world > 1 else None                   # appendix A
+    began = time.monotonic()                               # a --minutes budget counts from here
+    cfg, checkpoint = check_run(cfg, checkpoint)                                # 8.1
+    data = UnpairedImages(cfg.a, cfg.b, cfg.size, cfg.seed)                     # 8.2
+    processes = start_processes(cfg.device)                # section 12; alone: process 0 of 1
+    start = checkpoint["iteration"] if checkpoint else 0
+    batches = training_batches(data, cfg, start, processes)  # its workers start with the loop
     try:
-        with StopOnSignal() as stop:                                   # 8.6
-            for iteration, (x_a, x_b, skipped) in enumerate(batches, run.start + 1):
+        nets, vgg, opt_G, opt_D, autocast = build(cfg, processes.device)        # 8.3
+        if checkpoint:
+            restore(checkpoint, nets, opt_G, opt_D, cfg)
+        length = RunLength(cfg, checkpoint, began, processes)                   # 8.4
+        folder = RunFolder(cfg, start, processes.main)           # 8.5: the files on disk
+        progress = Progress(cfg, start, length, folder)          # 8.6: the terminal and log.csv
+        pictures = SamplePage(cfg, progress, folder, processes.device)  # the grids and the page
+        progress.begin(data, processes.device, autocast)         # "training to iteration ..."
+        with StopOnSignal() as signals:                                         # 8.7
+            for iteration, (x_a, x_b, skipped) in enumerate(batches, start + 1):
                 # 1. The learning rate, from the number of steps already taken.
                 lr = learning_rate(iteration - 1, cfg)
                 for group in opt_G.param_groups + opt_D.param_groups:
                     group["lr"] = lr
                 # 2. One iteration: translate, a D step, a G step (section 6).
-                x_a, x_b = to_device(x_a, device, cfg.fast), to_device(x_b, device, cfg.fast)
-                losses = train_step(nets, vgg, opt_G, opt_D, x_a, x_b, cfg, autocast, sync)
-                # 3. Watch it: the time budget, a NaN, the progress line, log.csv, the samples.
-                fixed = budget.iterations(iteration, cfg.iters) if budget else None
-                if fixed:  # the number that fits on every rank's clock; config.json follows it
-                    cfg.iters = int(all_ranks(fixed, world, device, dist.ReduceOp.MIN))
-                    run.write_config()
-                run.watch(iteration, lr, losses, skipped)
-                if run.due(iteration, cfg.sample_every):
-                    run.write_samples(iteration, nets)
-                # 4. Save when due; stop on a signal or when the time is up, saving first.
-                stop_now = bool(stop.requested or budget and budget.clock() > budget.deadline)
-                stopping = all_ranks(stop_now, world, device)
-                if run.due(iteration, cfg.save_every) or stopping:
-                    run.save(iteration, nets, opt_G, opt_D)
-                if stopping or iteration == cfg.iters:
+                x_a, x_b = (to_device(x, processes.device, cfg.fast) for x in (x_a, x_b))
+                losses = train_step(nets, vgg, opt_G, opt_D, x_a, x_b, cfg, autocast,
+                                    processes.sync)
+                # 3. Watch it: the progress line and log.csv; the sample grids and the page.
+                last = length.is_last(iteration, signals.received)
+                saving = last or iteration % cfg.save_every == 0
+                progress.report(iteration, lr, losses, skipped,
+                                log=saving or iteration % cfg.log_every == 0)
+                if last or iteration % cfg.sample_every == 0:
+                    pictures.draw(iteration, nets)
+                # 4. Save when due, and at the last iteration.
+                if saving:
+                    folder.save(iteration, nets, opt_G, opt_D, length.seconds_used())
+                if last:
                     break
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-    run.finished(iteration, stop.requested)
-    return run.folder
+    finally:  # whatever happened: stop the data workers, leave the process group
+        batches.close()
+        processes.end()
+    progress.finished(iteration, length.reason)
+    return folder.path
 
 # =================================================================================================
 # 8. What the loop calls, in the order it calls it
@@ -811,87 +767,74 @@ def train(cfg: Config, checkpoint: dict | None = None) -> Path:
 # Its checkpoint holds what an exact resume needs: the six networks (spectral norm's power-
 # iteration vectors included), both optimizers' moments (Adam without them takes large first
 # steps again and can undo days of training), the iteration (which fixes the learning rate and,
-# with the seed, the next images: 8.2) and the config. It is written to a temporary file and
-# renamed, so a crash mid-write leaves the previous one whole, and it is loaded as untrusted
-# input: weights only, never code.
+# with the seed, the next images: 8.2), the config, and the time a --minutes run has used. It is
+# loaded as untrusted input: weights only, never code, and its config checked like flags.
 
 CHECKPOINT_FORMAT = "magan-checkpoint-v3"
 EXPORT_FORMAT = "magan-generators-v3"  # the two generators and the config: `magan.py export`
+# The fields that define the networks: a checkpoint only continues under the same values.
+ARCHITECTURE = ("size", "ch", "n_res", "light", "attention", "p_gen", "p_dis", "detail_skip")
 
 def check_run(cfg: Config, checkpoint: dict | None) -> tuple[Config, dict | None]:
     """What can be wrong with the run folder and the config, found before anything slow. Paths
     are stored resolved, so that --resume works from any folder."""
+    if not cfg.a or not cfg.b:
+        raise MaganError("no training images: pass --data ROOT, or --a and --b (two folders)")
     cfg = dataclasses.replace(cfg, **{k: str(Path(getattr(cfg, k)).resolve())
                                       for k in ("data", "a", "b", "out") if getattr(cfg, k)})
-    latest = Path(cfg.out) / "checkpoints" / "latest.pt"
-    if cfg.resume:
-        checkpoint = checkpoint or load_checkpoint(latest)
-        for name in ARCHITECTURE:  # the weights fit only the networks they were trained in
-            if checkpoint["config"][name] != getattr(cfg, name):
-                raise MaganError(f"--{name.replace('_', '-')} {getattr(cfg, name)!r}: the run was "
-                                 f"trained with {checkpoint['config'][name]!r}; drop the flag")
-        if checkpoint["iteration"] >= cfg.iters:  # e.g. a finished run: nothing left to train
-            done = checkpoint["iteration"]
-            raise MaganError(f"the run is at iteration {done} already: pass a larger --iters")
-    elif latest.exists():
-        raise MaganError(f"{cfg.out} holds a run: pass --resume to continue it, or another --out")
+    out = Path(cfg.out)
+    there = next(p for p in (out, *out.parents) if p.exists())  # the folder, or where it will be
+    if not there.is_dir() or not os.access(there, os.W_OK):
+        problem = "is a file" if not there.is_dir() else "cannot be written to"
+        raise MaganError(f"--out {out}: {there} {problem}; pass another --out")
+    latest = out / "checkpoints" / "latest.pt"
+    if not cfg.resume and latest.exists():
+        raise MaganError(f"{out} holds a run: pass --resume to continue it, or another --out")
+    if not cfg.resume:
+        return cfg, None
+    checkpoint = checkpoint or load_checkpoint(latest)
+    saved, done, used = checkpoint["config"], checkpoint["iteration"], checkpoint.get("seconds_used")
+    for name in ARCHITECTURE:  # the weights fit only the networks they were trained in
+        if saved[name] != getattr(cfg, name):
+            raise MaganError(f"--{name.replace('_', '-')} {getattr(cfg, name)!r}: the run was "
+                             f"trained with {saved[name]!r}; drop the flag")
+    if done >= cfg.iters:  # e.g. a finished run: nothing left to train
+        raise MaganError(f"the run is at iteration {done} already: pass a larger --iters")
+    if cfg.minutes != saved["minutes"] and used is None:  # see 8.4
+        raise MaganError(f"--minutes fixes a new run's length; this run trains to iteration "
+                         f"{cfg.iters}: change that with --iters")
+    if cfg.minutes and used is not None and used >= 60 * cfg.minutes:
+        raise MaganError(f"the run used its {cfg.minutes:g} minutes before its length was fixed "
+                         f"(iteration {done}): give it more time in all, e.g. --resume --minutes "
+                         f"{cfg.minutes + 10:g}, or a length: --minutes 0 --iters N")
     return cfg, checkpoint
 
 def load_checkpoint(path: str | Path, kinds=(CHECKPOINT_FORMAT,)) -> dict:
     """Load a checkpoint as untrusted input: `weights_only=True` refuses anything but tensors and
-    plain containers, so a malicious file cannot run code. Any failure is a MaganError."""
+    plain containers, so a malicious file cannot run code; its config must pass the command
+    line's rules, and its generators' weights the shapes that config gives (compared on
+    PyTorch's "meta" device, which allocates no memory; the discriminators' follow from the same
+    values), before any network is built. Any failure is a MaganError."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise MaganError(f"cannot read a checkpoint at {path} ({first_line(e)})") from None
     found = ckpt.get("format", "") if isinstance(ckpt, dict) else ""
     if found not in kinds:
-        raise MaganError(f"{path} is not a magan checkpoint of the kind needed here" + (
-            f": {found} (an export only translates; an earlier magan.py had other networks)"
-            if found else ""))
+        explain = {EXPORT_FORMAT: ": an export only translates", "": ""}.get(
+            found, f": {found}, from an earlier magan.py with other networks")
+        raise MaganError(f"{path} is not a magan checkpoint of the kind needed here{explain}")
+    with torch.device("meta"):  # a generator's shapes, without its memory
+        G = make_generator(checked_config(ckpt.get("config"), path))                # section 11
+    shapes = {k: v.shape for k, v in G.state_dict().items()}
+    try:
+        fits = all({k: v.shape for k, v in ckpt["nets"][name].items()} == shapes
+                   for name in ("G_ab", "G_ba"))
+    except (KeyError, AttributeError, TypeError):
+        fits = False
+    if not fits:
+        raise MaganError(f"{path}: the weights do not fit its config (other names or shapes)")
     return ckpt
-
-def load_networks(modules: dict[str, nn.Module], ckpt: dict):
-    """Each named network's weights from a checkpoint; a mismatch is a MaganError."""
-    try:
-        for name, module in modules.items():
-            module.load_state_dict(ckpt["nets"][name])
-    except (RuntimeError, KeyError) as e:
-        raise MaganError(f"the checkpoint does not fit its config ({first_line(e)})") from None
-
-def restore(ckpt: dict, nets: MAGAN, opt_G, opt_D, cfg: Config):
-    """Continue from a checkpoint: the weights, and Adam's moments and step counts."""
-    load_networks(dict(nets.named_children()), ckpt)
-    for opt, state in ((opt_G, ckpt["opt_G"]), (opt_D, ckpt["opt_D"])):
-        opt.load_state_dict(state)        # the moments go onto each parameter's device
-        for group in opt.param_groups:    # a --weight-decay typed now applies from here on
-            group["weight_decay"] = cfg.weight_decay
-
-def write_atomically(path: Path, write):
-    """Call write(file) on a temporary file, flush it to disk, then rename it over `path`: a crash
-    or a full disk mid-write leaves the previous file whole. Raises OSError."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError:
-        tmp.unlink(missing_ok=True)
-        raise
-
-def save_checkpoint(path: Path, nets: MAGAN, opt_G, opt_D, iteration: int, cfg: Config):
-    """Everything a run needs to continue exactly, written atomically."""
-    state = {"format": CHECKPOINT_FORMAT, "iteration": iteration, "config": dataclasses.asdict(cfg),
-             "nets": {name: net.state_dict() for name, net in nets.named_children()},
-             "opt_G": opt_G.state_dict(), "opt_D": opt_D.state_dict()}
-    try:
-        write_atomically(path, lambda f: torch.save(state, f))
-    except OSError as e:
-        kept = f"the previous {path.name} is intact" if path.exists() else "nothing was written"
-        raise MaganError(f"could not write {path} ({e}); {kept}: free some space, then --resume")
 
 # --- 8.2 Data: two unpaired folders ---------------------------------------------------------------
 # The domains are *unpaired*: no horse has its zebra. Training sample k is one image of each
@@ -908,10 +851,68 @@ def keyed_generator(*key) -> torch.Generator:
     digest = hashlib.sha256(repr(key).encode()).digest()
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
 
+# Reading images safely. A training set scraped from the web holds every kind of file: CMYK and
+# palette JPEGs, 16-bit PNGs, phone photos rotated by an EXIF tag, a text file named .jpg, a
+# download cut off half way. The networks want 8-bit RGB the right way up, so every image goes
+# through load_rgb. One bad file in thousands costs the user one line in the log, not a crashed
+# run at iteration 40,000; a folder with no readable image is an error before training starts.
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
+
+def load_rgb(path: Path, draft_size: int | None = None) -> Image.Image:
+    """Open any image Pillow reads, as 8-bit RGB, upright. Raises if it is not a readable image.
+    `draft_size`: a large JPEG may be decoded at a reduced scale, still at least that size."""
+    with Image.open(path) as im:
+        if draft_size:
+            im.draft("RGB", (draft_size, draft_size))  # a 4000x3000 JPEG decoded at 1/8 scale
+        im.load()                          # a truncated file fails here, not later in a worker
+        im = ImageOps.exif_transpose(im)   # phone photos store "rotate me" in EXIF, not in pixels
+        if im.mode.startswith("I;16") or im.mode == "I":
+            im = im.point(lambda v: v / 256).convert("L")  # 16-bit grey: keep the top 8 bits
+        if im.mode == "F":
+            im = im.point(lambda v: v * 255).convert("L")  # float grey: [0, 1], by convention
+        if im.mode in ("RGBA", "LA", "PA") or "transparency" in im.info:
+            # Transparent pixels hold whatever colour was left there (often black): lay them on
+            # white, as a browser shows them on a page.
+            im = Image.alpha_composite(Image.new("RGBA", im.size, "white"), im.convert("RGBA"))
+        return im.convert("RGB")
+
+def readable_images(files, draft_size: int | None = None):
+    """Yield (path, RGB image) for each file that decodes; name the others and go on: one broken
+    file must not end a translation of thousands."""
+    for path in files:
+        try:
+            yield path, load_rgb(path, draft_size)
+        except Exception as e:
+            print(f"skipping unreadable image {path} ({first_line(e)})", flush=True)
+
+def to_tensor(im: Image.Image) -> torch.Tensor:
+    """PIL RGB -> (3, H, W) in [-1, 1]."""
+    return pil_to_tensor(im).float().div(127.5).sub(1.0)
+
+def to_pil(x: torch.Tensor) -> Image.Image:
+    """(3, H, W) in [-1, 1] -> PIL RGB, rounded to 8 bits (the inverse of to_tensor)."""
+    return to_pil_image(x.detach().float().clamp(-1, 1).add(1).mul(127.5).round().byte().cpu())
+
+def list_images(folder: str | Path) -> list[Path]:
+    """The sorted image files (by their suffix) of one flat folder; a folder with none is an error
+    that says what to pass instead. A file that is not an image after all is skipped when read."""
+    folder = Path(folder)
+    if folder.is_file():
+        raise MaganError(f"{folder} is a file: pass a folder of images (or --data ROOT)")
+    if not folder.is_dir():
+        raise MaganError(f"image folder {folder} does not exist (expected the CycleGAN layout "
+                         f"ROOT/trainA, trainB, testA, testB: pass --data ROOT, or --a and --b)")
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise MaganError(f"no image in {folder}: " + (
+            f"it is a dataset root, so pass --data {folder}" if (folder / "trainA").is_dir() else
+            "put .jpg or .png images there (not in subfolders)"))
+    return files
+
 class UnpairedImages(torch.utils.data.Dataset):
     """Item k is the k-th training sample (x_a, x_b, skipped) for any k >= 0: each domain is walked
     in a fresh random order every epoch, independently, and each image gets U-GAT-IT's augmentation
-    (appendix B.2): a horizontal flip with p = 0.5, a resize to (S+30)², a random SxS crop. A file
+    (U-GAT-IT appendix B.2): a horizontal flip with p = 0.5, a resize to (S+30)², a random SxS crop. A file
     that fails to decode (a truncated JPEG, say) is replaced by the next one, and named in
     `skipped` for the run to report."""
 
@@ -950,7 +951,7 @@ class UnpairedImages(torch.utils.data.Dataset):
 def iteration_samples(start: int, iters: int, batch: int, world: int = 1, rank: int = 0):
     """The sample indices one process reads from iteration `start` on: iteration k on rank r of
     `world` processes reads samples (k·world + r)·B ... (k·world + r)·B + B − 1. One process with
-    the batch world·B reads the same samples in the same iteration (appendix A)."""
+    the batch world·B reads the same samples in the same iteration (section 12)."""
     for k in range(start, iters):
         yield from range((k * world + rank) * batch, (k * world + rank + 1) * batch)
 
@@ -968,68 +969,28 @@ def ignore_stop_signals(_worker_id):
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
-def training_batches(data: UnpairedImages, cfg: Config, start: int, rank: int, world: int,
-                     device: torch.device):
+def training_batches(data: UnpairedImages, cfg: Config, start: int, processes):
     """The (x_a, x_b, skipped) batches of iterations start+1 ... cfg.iters. Worker processes decode
     and augment the next batches while the networks train on this one. --workers -1: one fewer
     than this process's share of the cores, at most 4 (reading an image takes a few ms, far less
-    than a step: more workers would only take cores from torch)."""
+    than a step: more workers would only take cores from torch). A generator: its workers start
+    with the first batch, and closing it, as train() does whatever happened, stops them."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    workers = cfg.workers if cfg.workers >= 0 else max(0, min(4, (cores or 1) // world - 1))
-    sampler = iteration_samples(start, cfg.iters, cfg.batch, world, rank)
-    return iter(torch.utils.data.DataLoader(
+    share = (cores or 1) // processes.world                # this process's share of the cores
+    workers = cfg.workers if cfg.workers >= 0 else max(0, min(4, share - 1))
+    sampler = iteration_samples(start, cfg.iters, cfg.batch, processes.world, processes.rank)
+    loader = iter(torch.utils.data.DataLoader(
         data, cfg.batch, sampler=sampler, num_workers=workers, collate_fn=collate_pairs,
-        pin_memory=device.type == "cuda", worker_init_fn=ignore_stop_signals if workers else None))
-
-# Reading images safely. A training set scraped from the web holds every kind of file: CMYK and
-# palette JPEGs, 16-bit PNGs, phone photos rotated by an EXIF tag, a text file named .jpg, a
-# download cut off half way. The networks want 8-bit RGB the right way up, so every image goes
-# through load_rgb. One bad file in thousands costs the user one line in the log, not a crashed
-# run at iteration 40,000; a folder with no readable image is an error before training starts.
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
-
-def load_rgb(path: Path, draft_size: int | None = None) -> Image.Image:
-    """Open any image Pillow reads, as 8-bit RGB, upright. Raises if it is not a readable image.
-    `draft_size`: a large JPEG may be decoded at a reduced scale, still at least that size."""
-    with Image.open(path) as im:
-        if draft_size:
-            im.draft("RGB", (draft_size, draft_size))  # a 4000x3000 JPEG decoded at 1/8 scale
-        im.load()                          # a truncated file fails here, not later in a worker
-        im = ImageOps.exif_transpose(im)   # phone photos store "rotate me" in EXIF, not in pixels
-        if im.mode.startswith("I;16") or im.mode == "I":
-            im = im.point(lambda v: v / 256).convert("L")  # 16-bit grey: keep the top 8 bits
-        return im.convert("RGB")
-
-def readable_images(files, draft_size: int | None = None):
-    """Yield (path, RGB image) for each file that decodes; name the others and go on: one broken
-    file must not end a translation of thousands."""
-    for path in files:
-        try:
-            yield path, load_rgb(path, draft_size)
-        except Exception as e:
-            print(f"skipping unreadable image {path} ({first_line(e)})", flush=True)
-
-def to_tensor(im: Image.Image) -> torch.Tensor:
-    """PIL RGB -> (3, H, W) in [-1, 1]."""
-    return pil_to_tensor(im).float().div(127.5).sub(1.0)
-
-def to_pil(x: torch.Tensor) -> Image.Image:
-    """(3, H, W) in [-1, 1] -> PIL RGB, rounded to 8 bits (the inverse of to_tensor)."""
-    return to_pil_image(x.detach().float().clamp(-1, 1).add(1).mul(127.5).round().byte().cpu())
-
-def list_images(folder: str | Path) -> list[Path]:
-    """The sorted image files (by their suffix) of one flat folder; a folder with none is an error
-    that says what to pass instead. A file that is not an image after all is skipped when read."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise MaganError(f"image folder {folder} does not exist (expected the CycleGAN layout "
-                         f"ROOT/trainA, trainB, testA, testB: pass --data ROOT, or --a and --b)")
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-    if not files:
-        raise MaganError(f"no image in {folder}: " + (
-            f"it is a dataset root, so pass --data {folder}" if (folder / "trainA").is_dir() else
-            "put .jpg or .png images there (not in subfolders)"))
-    return files
+        pin_memory=processes.device.type == "cuda",
+        worker_init_fn=ignore_stop_signals if workers else None))
+    try:
+        yield from loader
+    finally:
+        # The workers ignore SIGTERM (above), and Python's exit stops leftover workers with that
+        # signal, then waits for them: for ever. So they are stopped here, by PyTorch's own
+        # clean-up, the one a finished loader runs: at the end, on an error, on Ctrl-C.
+        if hasattr(loader, "_shutdown_workers"):
+            loader._shutdown_workers()
 
 # --- 8.3 The networks on a device -----------------------------------------------------------------
 # The maths of a step never depends on the device; only how it runs does. The fast path (--fast,
@@ -1043,21 +1004,26 @@ def list_images(folder: str | Path) -> list[Path]:
 # Apple's mps stays fp32. torch.compile (--compile) fuses the small element-wise ops between the
 # convolutions, at the price of minutes of start-up.
 
-def pick_device(name: str, local_rank: int = 0) -> torch.device:
+def pick_device(name: str, local_rank: int = 0, world: int = 1) -> torch.device:
     """auto: CUDA if there is one (GPU `local_rank` under torchrun), else Apple's mps, else CPU."""
     cuda, mps = torch.cuda.is_available(), torch.backends.mps.is_available()
     if name == "auto":
         name = "cuda" if cuda else "mps" if mps else "cpu"
     if not {"cuda": cuda, "mps": mps}.get(name.split(":")[0], True):
         raise MaganError(f"--device {name}: this PyTorch sees no such GPU (use cpu or auto)")
+    if name.startswith("cuda:") and world > 1:
+        raise MaganError(f"--device {name}: under torchrun each process takes its own GPU (its "
+                         f"LOCAL_RANK); pass --device cuda")
+    if name.startswith("cuda:") and int(name[5:]) >= torch.cuda.device_count():
+        raise MaganError(f"--device {name}: this machine has {torch.cuda.device_count()} GPU(s), "
+                         f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
     return torch.device(f"cuda:{local_rank}" if name == "cuda" else name)
 
-def native_bf16(device: torch.device) -> bool:
+def native_bf16(device: torch.device, cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
     """Does this device compute bf16 natively? CUDA: compute capability 8.0 (Ampere) and newer.
     CPU: AMX or AVX-512 BF16, read from the CPU's flags (Linux). mps: no (fp32)."""
     if device.type == "cuda":
         return torch.cuda.get_device_capability(device) >= (8, 0)
-    cpuinfo = Path("/proc/cpuinfo")
     flags = cpuinfo.read_text() if device.type == "cpu" and cpuinfo.exists() else ""
     return "amx_bf16" in flags or "avx512_bf16" in flags
 
@@ -1093,32 +1059,24 @@ def build(cfg: Config, device: torch.device):
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
     return nets, vgg, opt_G, opt_D, autocast
 
+def restore(ckpt: dict, nets: MAGAN, opt_G, opt_D, cfg: Config):
+    """Continue from a checkpoint: the weights, and Adam's moments and step counts."""
+    try:
+        for name, net in nets.named_children():
+            net.load_state_dict(ckpt["nets"][name])
+        for opt, state in ((opt_G, ckpt["opt_G"]), (opt_D, ckpt["opt_D"])):
+            opt.load_state_dict(state)    # the moments go onto each parameter's device
+    except (KeyError, RuntimeError, TypeError, ValueError) as e:
+        raise MaganError(f"the checkpoint does not fit its networks ({first_line(e)})") from None
+    for group in opt_G.param_groups + opt_D.param_groups:  # a --weight-decay typed now applies
+        group["weight_decay"] = cfg.weight_decay
+
 def to_device(x: torch.Tensor, device: torch.device, fast: bool) -> torch.Tensor:
     """A batch onto the device, in the networks' memory layout."""
     x = x.to(device, non_blocking=True)  # from pinned memory, the copy overlaps compute
     return x.contiguous(memory_format=torch.channels_last) if fast and device.type != "mps" else x
 
-VGG_HELP = """the style and content losses need VGG19's ImageNet weights ({reason}). Fixes:
-  * run once with internet (they go to {cache}), or copy vgg19-dcbb9e9d.pth there
-  * --vgg-weights PATH: that file, elsewhere;  --w-style 0 --w-content 0: no VGG losses
-  * --vgg-weights random: random VGG features, for offline smoke runs only (NOT the paper)"""
-
-def load_vgg(spec: str) -> VGGFeatures:
-    """torchvision's VGG19 for the perceptual losses: imagenet | PATH | random."""
-    try:
-        if spec == "imagenet":
-            return VGGFeatures(vgg19(weights=VGG19_Weights.IMAGENET1K_V1))
-        net = vgg19()  # torchvision's initialisation: a random VGG is for smoke runs only
-        if spec != "random":
-            state = torch.load(spec, map_location="cpu", weights_only=True)
-            state = {k[9:]: v for k, v in state.items() if k.startswith("features.")}
-            net.features.load_state_dict(state)
-        return VGGFeatures(net)
-    except Exception as e:
-        cache = f"{torch.hub.get_dir()}/checkpoints"
-        raise MaganError(VGG_HELP.format(reason=first_line(e), cache=cache)) from None
-
-# --- 8.4 The learning rate and the time budget ----------------------------------------------------
+# --- 8.4 The learning rate and the length of a run ------------------------------------------------
 # Why decay at all: a GAN never converges to a fixed point at a constant rate; G and D keep
 # chasing each other. Lowering the rate in the second half damps that chase, so the last
 # iterations polish the translations instead of oscillating around them (CycleGAN and U-GAT-IT
@@ -1129,138 +1087,227 @@ def learning_rate(step: int, cfg: Config) -> float:
     half = cfg.iters // 2
     return cfg.lr if step < half else cfg.lr * (cfg.iters - step) / (cfg.iters - half)
 
-class TimeBudget:
-    """--minutes M: the run ends within M minutes, start-up included. Its iterations are fixed
-    once, WARMUP iterations after the first (which carries the start-up): as many as fit in 90%
-    of the time left at the speed measured, at most --iters and at least twice those done, so
-    that the decay has not begun and the rate never jumps. If the machine slows, time ends it."""
+class RunLength:
+    """Where the run ends: at --iters; on a stop signal (to any process); or, with --minutes M,
+    within M minutes, start-up included. A budget fixes cfg.iters once, WARMUP iterations after a
+    session's first (which carries the start-up): as many as fit in 90% of the time left at the
+    speed measured, at most --iters and at least twice those done, so that the decay has not
+    begun and the rate never jumps. Until then each checkpoint holds the time used, and a resumed
+    run goes on with what is left; once fixed, the length is a plain --iters. If the machine slows
+    down, the deadline still ends the session (saved, and resumable to its fixed length)."""
     WARMUP = 300
 
-    def __init__(self, minutes: float, began: float, clock=time.monotonic):
-        self.deadline, self.clock, self.first = began + 60 * minutes, clock, None
+    def __init__(self, cfg: Config, checkpoint: dict | None, began: float, processes):
+        used = checkpoint.get("seconds_used") if checkpoint else 0.0  # None: the length is fixed
+        budget = cfg.minutes and used is not None
+        self.deadline = began + 60 * cfg.minutes - used if budget else None
+        self.cfg, self.processes, self.first, self.fixed, self.reason = cfg, processes, None, False, None
 
-    def iterations(self, iteration: int, iters: int) -> int | None:  # the number to fix, or None
-        now = self.clock()
-        self.first = self.first or (iteration, now)
-        done = iteration - self.first[0]
-        if done == self.WARMUP and 2 * iteration <= iters:
-            fits = iteration + int(0.9 * (self.deadline - now) / ((now - self.first[1]) / done))
-            return min(iters, max(2 * iteration, fits))
-        return None
+    def is_last(self, iteration: int, signal: str | None) -> bool:
+        now = time.monotonic()
+        if self.deadline is not None and not self.fixed:
+            self.first = self.first or (iteration, now)
+            done = iteration - self.first[0]
+            if done == self.WARMUP and 2 * iteration <= self.cfg.iters:
+                fits = iteration + int(0.9 * (self.deadline - now) / ((now - self.first[1]) / done))
+                fits = min(self.cfg.iters, max(2 * iteration, fits))
+                self.cfg.iters, self.fixed = int(self.processes.reduce(fits, "min")), True
+        late = self.deadline is not None and now > self.deadline
+        if self.processes.reduce(signal is not None or late, "max"):
+            self.reason = signal or ("time is up" if late else "another process stopped")
+        return self.reason is not None or iteration == self.cfg.iters
 
-# --- 8.5 What the user sees: the progress line, log.csv, sample grids, checkpoints ----------------
+    def seconds_left(self) -> float | None:
+        """What the budget leaves, or None without one."""
+        return None if self.deadline is None else max(0.0, self.deadline - time.monotonic())
+
+    def seconds_used(self) -> float | None:
+        """For the checkpoint: the time used so far while the length is open; else None."""
+        open_ = self.deadline is not None and not self.fixed
+        return 60 * self.cfg.minutes - (self.deadline - time.monotonic()) if open_ else None
+
+# --- 8.5 The run folder on disk -------------------------------------------------------------------
+# Every file of a run is written whole or not at all: to a temporary file, flushed to the disk,
+# then renamed over the old one. A crash, a second Ctrl-C or a full disk mid-write leaves the
+# previous version, never half of a new one, and the temporary file goes. A full disk ends the
+# run with one line: what could not be written, what is intact, how to go on.
+
+def write_atomically(path: Path, write, then: str = ""):
+    """Call write(file) on PATH.tmp, flush it to disk, then rename it to `path`. Whatever fails (an
+    OSError; torch.save raises a RuntimeError on a full disk), PATH.tmp goes, and a MaganError
+    says what could not be written and, `then`, what to do. (So make the data first: a bug in
+    making them is not a disk's.)"""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        if tmp.exists():
+            tmp.unlink()
+        if not isinstance(e, Exception):  # Ctrl-C: not a write that failed
+            raise
+        raise MaganError(f"could not write {path} ({first_line(e)}); if the disk is full, free "
+                         f"some space. {then}".rstrip()) from None
+
+class RunFolder:
+    """RUN/config.json, log.csv, samples/, index.html and checkpoints/latest.pt. Only the main
+    process (rank 0 under torchrun) writes; the others' writes do nothing."""
+
+    def __init__(self, cfg: Config, start: int, main: bool = True):
+        self.cfg, self.main, self.saved = cfg, main, start or None
+        self.path, self.latest = Path(cfg.out), Path(cfg.out) / "checkpoints" / "latest.pt"
+        self.write("config.json", self.config_json())
+
+    def intact(self) -> str:
+        """What an interruption leaves: the last checkpoint, and the command that continues it."""
+        if not self.saved:
+            return "no checkpoint was saved yet: start again"
+        return (f"{self.latest} holds iteration {self.saved}, intact: continue with python "
+                f"magan.py train --out {self.path} --resume")
+
+    def write(self, name: str, data):
+        """RUN/name, atomically (8.5); a failure ends the run, saying what is intact."""
+        if self.main:
+            write = data if callable(data) else lambda f: f.write(data)  # a function, or bytes
+            write_atomically(self.path / name, write, self.intact())
+
+    def config_json(self) -> bytes:
+        """config.json: the values that run (a time budget fixes --iters), paths absolute."""
+        return (json.dumps(dataclasses.asdict(self.cfg), indent=2) + "\n").encode()
+
+    def save(self, iteration: int, nets: MAGAN, opt_G, opt_D, seconds_used: float | None):
+        """checkpoints/latest.pt: everything the run needs to continue exactly (8.1)."""
+        state = {"format": CHECKPOINT_FORMAT, "iteration": iteration, "seconds_used": seconds_used,
+                 "config": dataclasses.asdict(self.cfg), "opt_G": opt_G.state_dict(),
+                 "opt_D": opt_D.state_dict(),
+                 "nets": {name: net.state_dict() for name, net in nets.named_children()}}
+        self.write("checkpoints/latest.pt", lambda f: torch.save(state, f))
+        self.saved = iteration
+        self.write("config.json", self.config_json())
+
+# --- 8.6 What the user sees: the progress line, log.csv, the sample grids, the run page -----------
 # A GAN's losses say little about how good its translations are: L_D and L_G oscillate by design,
 # and a falling G loss can mean mode collapse. So a run shows three things: a progress line (is it
 # alive, how fast, when will it end), log.csv (every term, for plotting), and sample grids of the
-# same test images every time (the only honest measure while training). The run page (appendix B)
+# same test images every time (the only honest measure while training). The run page (section 13)
 # puts the three together in a browser.
 
 LOSS_TERMS = ("adv", "cycle", "identity", "cam", "style", "content")  # L_G's terms (train_step)
-LOGGED = ("D", "G", *LOSS_TERMS)
+COLUMNS = ("iteration", "elapsed_s", "it_per_s", "lr", "D", "G", *LOSS_TERMS)   # of log.csv
 
-class RunFolder:
-    """The run folder (config.json, log.csv, samples/, index.html, checkpoints/latest.pt) and the
-    terminal. Only the main process (rank 0) writes and speaks."""
+class Progress:
+    """The terminal and log.csv. A progress line after the first iteration, at every log point and
+    at least every 30 s; a log.csv row at every log point and checkpoint. Reading the losses
+    there stops the run on a NaN, before it reaches a checkpoint."""
 
-    def __init__(self, cfg: Config, checkpoint: dict | None, device: torch.device, autocast,
-                 data: UnpairedImages, main: bool = True):
-        self.cfg, self.main, self.start = cfg, main, checkpoint["iteration"] if checkpoint else 0
-        self.folder, self.latest = Path(cfg.out), Path(cfg.out) / "checkpoints" / "latest.pt"
-        self.log, self.last_saved = self.folder / "log.csv", self.start or None
-        self.reported = set()
-        self.began = self.last_time = time.time()
-        self.last_iteration, self.speed = self.start, 0.0
-        # every process prints what concerns it alone (a file it cannot read); rank 0 the rest
-        self.say = print if main else (lambda *args, **kwargs: None)
-        if not main:
-            return
-        self.samples = [sample_images(folder, cfg.size).to(device) for folder in (cfg.a, cfg.b)]
-        self.write_config()
-        # log.csv keeps its rows up to the checkpoint: those of iterations an interruption lost go
-        rows = list(csv.reader(self.log.open()))[1:] if self.start and self.log.exists() else []
-        with open(self.log, "w", newline="") as f:
-            csv.writer(f).writerows([["iteration", "elapsed_s", "it_per_s", "lr", *LOGGED],
-                                     *(row for row in rows if int(row[0]) <= self.start)])
-        budget = f" within {cfg.minutes:g} minutes" if cfg.minutes and not self.start else ""
-        self.say(f"{'resumed: ' * bool(self.start)}training to iteration {cfg.iters}{budget} on "
-                 f"{device} ({'bf16' if isinstance(autocast, torch.autocast) else 'fp32'}), "
-                 f"{len(data.files[0])} + "
-                 f"{len(data.files[1])} images; watch {self.folder / 'index.html'}", flush=True)
+    def __init__(self, cfg: Config, start: int, length: RunLength, folder: RunFolder):
+        self.cfg, self.start, self.length, self.folder = cfg, start, length, folder
+        self.rows = read_log(folder.path / "log.csv", start)
+        self.began = self.last_time = time.monotonic()
+        self.last_iteration, self.speed, self.reported = start, 0.0, set()
 
-    def write_config(self):
-        """config.json: the values that actually run (the time budget may change --iters)."""
-        text = json.dumps(dataclasses.asdict(self.cfg), indent=2) + "\n"
-        if self.main:
-            write_atomically(self.folder / "config.json", lambda f: f.write(text.encode()))
+    def say(self, text: str):
+        if self.folder.main:  # the main process speaks for all
+            print(text, flush=True)
 
-    def due(self, iteration: int, every: int) -> bool:
-        """Every `every` iterations, and at the last one."""
-        return iteration % every == 0 or iteration == self.cfg.iters
+    def begin(self, data: UnpairedImages, device: torch.device, autocast):
+        """The first line: what runs, where, and where to watch it."""
+        left = self.length.seconds_left()
+        within = "" if left is None else f" within {format_seconds(left)}"
+        precision = "bf16" if isinstance(autocast, torch.autocast) else "fp32"
+        self.say(f"{'resumed: ' if self.start else ''}training to iteration {self.cfg.iters}"
+                 f"{within} on {device} ({precision}), {len(data.files[0])} + "
+                 f"{len(data.files[1])} images; watch {self.folder.path / 'index.html'}")
 
-    def watch(self, iteration: int, lr: float, losses: dict, skipped: list[str]):
-        """Name each unreadable file once. At a log point: stop on a NaN, and a log.csv row. The
-        progress line then, after the first iteration, and at least every 30 s."""
-        for name in set(skipped) - self.reported:
+    def report(self, iteration: int, lr: float, losses: dict, skipped: list[str], log: bool):
+        for name in set(skipped) - self.reported:  # each process names its unreadable files once
             print(f"skipping unreadable image {name}", flush=True)
             self.reported.add(name)
-        self.losses, first = losses, iteration == self.start + 1
-        logged = self.due(iteration, self.cfg.log_every)
-        if not (logged or first or time.time() - self.last_time >= 30):
+        first = iteration == self.start + 1
+        if not (log or first or time.monotonic() - self.last_time >= 30):
             return
-        values, now = self.check_finite(iteration), time.time()   # reading them waits for the GPU
-        self.speed = (iteration - self.last_iteration) / max(now - self.last_time, 1e-9)
-        self.last_time, self.last_iteration = now, iteration
-        if logged and self.main:
-            with open(self.log, "a", newline="") as f:
-                csv.writer(f).writerow([iteration, round(now - self.began, 2), round(self.speed, 4),
-                                        lr, *(values[k] for k in LOGGED)])
+        values, now = finite(losses, iteration, self.folder), time.monotonic()  # waits for a GPU
+        seconds, self.last_time = now - self.last_time, now
+        self.speed = (iteration - self.last_iteration) / max(seconds, 1e-9)
+        self.last_iteration = iteration
+        if log:
+            self.rows.append(dict(iteration=iteration, elapsed_s=round(now - self.began, 2),
+                                  it_per_s=round(self.speed, 4), lr=lr, **values))
+            lines = [",".join(COLUMNS)] + [",".join(str(row[c]) for c in COLUMNS) for row in self.rows]
+            self.folder.write("log.csv", "\n".join(lines + [""]).encode())
         terms = "  ".join(f"{k} {values[k]:.4g}" for k in LOSS_TERMS if getattr(self.cfg, "w_" + k))
-        # the first iteration carries the start-up (compiling, for one): no ETA from its speed
-        eta = "--" if first else format_seconds((self.cfg.iters - iteration) / self.speed)
-        self.say(f"[{iteration:>{len(str(self.cfg.iters))}}/{self.cfg.iters}] {self.speed:.2f} it/s"
-                 f"  ETA {eta}  lr {lr:.2e}  D {values['D']:.4g}  G {values['G']:.4g} = {terms}"
-                 + f"  (first iteration: {1 / self.speed:.1f} s)" * first, flush=True)
+        # the first iteration carries the start-up (compiling, for one): its time, no speed
+        timing = (f"first iteration {seconds:.1f} s, start-up included" if first else
+                  f"{self.speed:.2f} it/s  ETA {self.eta()}")
+        self.say(f"[{iteration:>{len(str(self.cfg.iters))}}/{self.cfg.iters}] {timing}  lr {lr:.2e}"
+                 f"  D {values['D']:.4g}  G {values['G']:.4g} = {terms}")
 
-    def check_finite(self, iteration: int) -> dict[str, float]:
-        """The last losses as numbers. A NaN or inf stops the run before it reaches a checkpoint."""
-        values = {name: value.item() for name, value in self.losses.items()}
-        bad = [name for name, value in values.items() if not math.isfinite(value)]
-        if bad:  # a NaN in the weights stays there: a check at every log point and save finds it
-            kept = (f"{self.latest} holds iteration {self.last_saved}: --resume from it with"
-                    if self.last_saved else "no checkpoint was saved yet: try")
-            raise MaganError(f"{', '.join(bad)} became NaN or infinite by iteration {iteration}; "
-                             f"{kept} a lower --lr, --no-fast or a smaller weight")
-        return values
+    def eta(self) -> str:
+        """The time left at the latest speed, or what the time budget leaves if that is less."""
+        left = self.length.seconds_left()
+        seconds = (self.cfg.iters - self.last_iteration) / self.speed if self.speed else math.inf
+        seconds = min(seconds, math.inf if left is None else left)
+        return format_seconds(seconds) if math.isfinite(seconds) else "--"
 
-    def write_samples(self, iteration: int, nets: MAGAN):
-        """Sample grids of both directions, and the run page that shows them (rank 0)."""
-        if not self.main:
-            return
-        for x, name, G, G_back in zip(self.samples, ("a2b", "b2a"), nets.generators,
-                                      nets.generators[::-1]):
-            path = self.folder / "samples" / f"{name}_{iteration:07d}.png"
-            path.parent.mkdir(exist_ok=True)
-            grid = sample_grid(G, G_back, x)                                # (16, 3, S, S)
-            save_image(grid.add(1).div(2), path, nrow=4, padding=2, pad_value=1)
-        write_run_page(self.folder, self.cfg, iteration, self.speed)
-
-    def save(self, iteration: int, nets: MAGAN, opt_G, opt_D):
-        """checkpoints/latest.pt (rank 0), never of non-finite losses."""
-        self.check_finite(iteration)
-        if self.main:
-            save_checkpoint(self.latest, nets, opt_G, opt_D, iteration, self.cfg)
-        self.last_saved = iteration
-
-    def finished(self, iteration: int, signal_name: str | None):
+    def finished(self, iteration: int, reason: str | None):
         """The last line: done, or stopped (by a signal, or the time budget) and how to go on."""
-        done = "done" if iteration == self.cfg.iters else f"{signal_name or 'time is up'}: stopped"
-        self.say(f"{done} at iteration {iteration} of {self.cfg.iters}; checkpoint {self.latest}"
-                 + f"\ncontinue with: python magan.py train --out {self.folder} --resume"
-                 * (iteration < self.cfg.iters), flush=True)
+        if iteration == self.cfg.iters:
+            self.say(f"done at iteration {iteration}; checkpoint {self.folder.latest}")
+        else:
+            self.say(f"{reason}: stopped at iteration {iteration} of {self.cfg.iters}; "
+                     f"{self.folder.intact()}")
+
+def finite(losses: dict, iteration: int, folder: RunFolder) -> dict[str, float]:
+    """The losses as numbers; a NaN or an inf ends the run (it would stay in the weights)."""
+    values = {name: value.item() for name, value in losses.items()}
+    bad = [name for name, value in values.items() if not math.isfinite(value)]
+    if bad:
+        raise MaganError(f"{', '.join(bad)} became NaN or infinite by iteration {iteration}; "
+                         f"{folder.intact()}, with a lower --lr, --no-fast or a smaller weight")
+    return values
+
+def read_log(path: Path, start: int) -> list[dict]:
+    """log.csv's rows up to the checkpoint's iteration (those after it were lost with the
+    interruption and are trained again)."""
+    try:
+        rows = list(csv.DictReader(path.open(newline=""))) if start and path.exists() else []
+        rows = [{k: (int if k == "iteration" else float)(row[k]) for k in COLUMNS} for row in rows]
+        return [row for row in rows if row["iteration"] <= start]
+    except (KeyError, TypeError, ValueError) as e:
+        raise MaganError(f"cannot read {path} ({first_line(e)}): move it away, then resume") from None
 
 def format_seconds(seconds: float) -> str:
     """12345.6 -> 3h25m45s"""
     return f"{int(seconds) // 3600}h{int(seconds) // 60 % 60:02d}m{int(seconds) % 60:02d}s"
+
+class SamplePage:
+    """Sample grids of the same 4 test images in both directions (RUN/samples/), and the run page
+    that shows the latest beside the loss curves (RUN/index.html, section 13): written at the
+    start, so that the first line's "watch RUN/index.html" holds at once."""
+
+    def __init__(self, cfg: Config, progress: Progress, folder: RunFolder, device: torch.device):
+        self.cfg, self.progress, self.folder, self.latest = cfg, progress, folder, None
+        if folder.main:
+            self.samples = [sample_images(d, cfg.size).to(device) for d in (cfg.a, cfg.b)]
+            self.folder.write("index.html", self.page())
+
+    def draw(self, iteration: int, nets: MAGAN):
+        if not self.folder.main:
+            return
+        for x, name, G, G_back in zip(self.samples, ("a2b", "b2a"), nets.generators,
+                                      nets.generators[::-1]):
+            grid = sample_grid(G, G_back, x).add(1).div(2)            # 4 rows of 4 (3, S, S)
+            self.folder.write(f"samples/{name}_{iteration:07d}.png", lambda f: save_image(
+                grid, f, format="png", nrow=4, padding=2, pad_value=1))
+        self.latest = iteration
+        self.folder.write("index.html", self.page())
+
+    def page(self) -> bytes:
+        return run_page(self.cfg, self.progress, self.latest).encode()
 
 def sample_images(train_folder: str, size: int) -> torch.Tensor:
     """The rows of every sample grid: the first 4 readable images of testA beside trainA (the
@@ -1273,13 +1320,17 @@ def sample_images(train_folder: str, size: int) -> torch.Tensor:
     return torch.stack([to_tensor(im.resize((size, size), Image.Resampling.BILINEAR))
                         for im in images])
 
-def colorize(heatmap: torch.Tensor, size: int) -> torch.Tensor:
-    """(B, 1, h, w) attention heatmap -> (B, 3, size, size) 'jet' colours in [-1, 1], each map
-    scaled to its own range (blue: least attended, red: most)."""
+def colorize(heatmap: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(B, 1, h, w) attention heatmap -> (B, 3, H, W) 'jet' colours in [-1, 1] at size (H, W),
+    each map scaled to its own range (blue: least attended, red: most)."""
     lo, hi = heatmap.amin(dim=(2, 3), keepdim=True), heatmap.amax(dim=(2, 3), keepdim=True)
     t = (heatmap.float() - lo) / (hi - lo).clamp_min(1e-8)
-    t = F.interpolate(t, size=(size, size), mode="bilinear", align_corners=False)
+    t = F.interpolate(t, size=size, mode="bilinear", align_corners=False)       # (B, 1, H, W)
     return torch.cat([1.5 - (4 * t - c).abs() for c in (3, 2, 1)], dim=1).clamp(0, 1) * 2 - 1
+
+def attention_overlay(x: torch.Tensor, heatmap: torch.Tensor) -> torch.Tensor:
+    """Images x: (B, 3, H, W) with their heatmaps (B, 1, h, w) laid over them, half and half."""
+    return 0.5 * x + 0.5 * colorize(heatmap, x.shape[-2:])
 
 @torch.no_grad()
 def sample_grid(G_forward: Generator, G_backward: Generator, x: torch.Tensor) -> torch.Tensor:
@@ -1289,11 +1340,10 @@ def sample_grid(G_forward: Generator, G_backward: Generator, x: torch.Tensor) ->
     image, _, heatmap = G_forward.eval()(x)
     cycle, _, _ = G_backward.eval()(image)
     G_forward.train(), G_backward.train()  # (sampling happens during training)
-    overlay = 0.5 * x + 0.5 * colorize(heatmap, x.shape[-1])
-    columns = [x, overlay, image.float(), cycle.float()]
+    columns = [x, attention_overlay(x, heatmap), image.float(), cycle.float()]
     return torch.stack(columns, dim=1).flatten(0, 1).cpu()   # (n·4, 3, S, S), row by row
 
-# --- 8.6 Signals: stop cleanly, saving first ------------------------------------------------------
+# --- 8.7 Signals: stop cleanly, saving first ------------------------------------------------------
 # A job scheduler ends a job with SIGTERM (SLURM a few minutes before its time limit, with
 # --signal), a user with Ctrl-C. Both should end in a checkpoint, not in the loss of everything
 # since the last one. The handler only sets a flag: the loop finishes the iteration, saves and
@@ -1303,48 +1353,47 @@ class StopOnSignal:
     Ctrl-C aborts at once (the last checkpoint is still whole)."""
 
     def __enter__(self):
-        self.requested = None  # the name of the first signal received
+        self.received = None  # the name of the first signal received
         self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
         return self
 
     def handle(self, signum, frame):
         # No print here: a signal that lands while the loop prints would make print re-enter
         # itself and crash. The loop reports the stop when it sees the flag.
-        if self.requested and signum == signal.SIGINT:
+        if self.received and signum == signal.SIGINT:
             raise KeyboardInterrupt
-        self.requested = self.requested or signal.Signals(signum).name
+        self.received = self.received or signal.Signals(signum).name
 
     def __exit__(self, *exc):
         for s, handler in self.previous.items():
             signal.signal(s, handler)
 
 # #################################################################################################
-#
 #                                      PART III: USING IT
-#
 # #################################################################################################
 # =================================================================================================
 # 9. Translate and export
 # =================================================================================================
 # After training one generator is all that is needed: G_ab for A -> B. Each image is resized to
-# the training size S, translated, and resized back to its own size and aspect ratio. With the
-# detail skip (section 3) what the generator changed is resized instead and added to the photo at
-# its own size, which keeps the photo's sharpness. The output is PNG, lossless, so that KID scores
-# the translation itself rather than a re-encoded copy (U-GAT-IT's code writes PNG too).
+# the training size S, translated, and resized back to its own size and aspect ratio (with the
+# laptop recipe's detail skip, section 15, what the generator changed is resized instead and added
+# to the photo). The output is PNG, lossless, so that KID scores the translation itself rather
+# than a re-encoded copy (U-GAT-IT's code writes PNG too). --heatmaps also writes where the
+# generator's attention looked, over each photo, as the sample grids show it.
 
 def load_generator(path: str | Path, direction: str, device: torch.device):
     """The generator of `direction` (a2b or b2a) from a checkpoint or an export, in eval mode,
     and the run's Config."""
-    ckpt = load_checkpoint(path, kinds=(CHECKPOINT_FORMAT, EXPORT_FORMAT))
+    ckpt = load_checkpoint(path, kinds=(CHECKPOINT_FORMAT, EXPORT_FORMAT))   # checked (8.1)
     cfg = Config(**{k: v for k, v in ckpt["config"].items() if k in CONFIG_FIELDS})
-    G = Generator(cfg.ch, cfg.n_res, cfg.size, cfg.light, cfg.attention, cfg.p_gen, cfg.detail_skip)
-    load_networks({"G_ab" if direction == "a2b" else "G_ba": G}, ckpt)
+    G = make_generator(cfg)
+    G.load_state_dict(ckpt["nets"]["G_ab" if direction == "a2b" else "G_ba"])
     return G.to(device).eval(), cfg
 
 def destinations(input_path: Path, out: Path) -> tuple[list[Path], list[Path]]:
     """The input files, and where each translation goes: OUT/STEM.png. A stem that two inputs
     share keeps its suffix (a.jpg: a_jpg.png), and a name taken all the same gets a number: no
-    translation overwrites another, nor an input."""
+    translation overwrites another, nor an input. (Names compare without case, as on Windows.)"""
     if not input_path.exists():
         raise MaganError(f"--input {input_path} does not exist: pass an image or a folder")
     inside = input_path if input_path.is_dir() else input_path.parent
@@ -1364,26 +1413,29 @@ def destinations(input_path: Path, out: Path) -> tuple[list[Path], list[Path]]:
 
 @torch.no_grad()
 def translate(ckpt: str | Path, input_path: str | Path, out: str | Path, direction: str = "a2b",
-              device: str = "auto") -> list[Path]:
+              device: str = "auto", heatmaps: bool = False) -> list[Path]:
     """Translate an image, or every image of a folder (any size and mode), into OUT/STEM.png at
-    its input's size. Returns the paths written."""
+    its input's size; with `heatmaps`, the attention over each input too, in OUT/heatmaps/STEM.png
+    at the same size. Returns the translations' paths."""
     G, cfg = load_generator(ckpt, direction, pick_device(device))
     files, targets = destinations(Path(input_path), Path(out))
     written, target_of = [], dict(zip(files, targets))
     for path, im in readable_images(files):                                    # at its full size
+        photo = to_tensor(im)                                                  # (3, H, W)
         x = to_tensor(im.resize((cfg.size, cfg.size), Image.Resampling.BILINEAR))  # (3, S, S)
-        image = G(x[None].to(next(G.parameters()).device))[0][0].float().cpu()   # (3, S, S)
+        image, _, heatmap = G(x[None].to(next(G.parameters()).device))        # (1, 3, S, S)
+        image, heatmap = image[0].float().cpu(), heatmap.float().cpu()
         if cfg.detail_skip:   # the photo + resized(G(x) − x): its own detail stays sharp
             change = F.interpolate((image - x)[None], size=(im.height, im.width), mode="bilinear",
                                    align_corners=False)[0]                   # (3, H, W)
-            picture = to_pil(to_tensor(im) + change)
+            picture = to_pil(photo + change)
         else:
             picture = to_pil(image).resize(im.size, Image.Resampling.BICUBIC)
-        try:
-            Path(out).mkdir(parents=True, exist_ok=True)
-            picture.save(target_of[path])
-        except OSError as e:
-            raise MaganError(f"cannot write {target_of[path]} ({first_line(e)})") from None
+        write_atomically(target_of[path], lambda f: picture.save(f, format="PNG"))
+        if heatmaps:
+            overlay = to_pil(attention_overlay(photo[None], heatmap)[0])      # (3, H, W)
+            write_atomically(Path(out) / "heatmaps" / target_of[path].name,
+                             lambda f: overlay.save(f, format="PNG"))
         written.append(target_of[path])
         if len(written) % 50 == 0 or path == files[-1]:
             print(f"translated {len(written)} of {len(files)} images", flush=True)
@@ -1394,13 +1446,13 @@ def translate(ckpt: str | Path, input_path: str | Path, out: str | Path, directi
 def export_generators(ckpt_path: str | Path, out: str | Path) -> Path:
     """The two generators and the config of a training checkpoint, for sharing and translating:
     no discriminators and no optimizer moments, a fraction of the checkpoint's size."""
+    if Path(out).resolve() == Path(ckpt_path).resolve():
+        raise MaganError(f"--out {out} is the checkpoint itself: an export keeps only the "
+                         f"generators, so the run could not continue; pass another --out")
     ckpt = load_checkpoint(ckpt_path)
     state = {"format": EXPORT_FORMAT, "iteration": ckpt["iteration"], "config": ckpt["config"],
              "nets": {name: ckpt["nets"][name] for name in ("G_ab", "G_ba")}}
-    try:
-        write_atomically(Path(out), lambda f: torch.save(state, f))
-    except OSError as e:
-        raise MaganError(f"could not write {out} ({first_line(e)})") from None
+    write_atomically(Path(out), lambda f: torch.save(state, f))
     print(f"wrote {out} ({Path(out).stat().st_size / 2**20:.1f} MiB; the checkpoint: "
           f"{Path(ckpt_path).stat().st_size / 2**20:.1f} MiB)", flush=True)
     return Path(out)
@@ -1419,7 +1471,8 @@ def export_generators(ckpt_path: str | Path, out: str | Path) -> Path:
 # their mean and "±" its standard error (the blocks' spread divided by √(number of blocks)).
 # MAGAN's text says "10 subsets of size 10" (the same, for a 100-image test set) and "degree 9",
 # likely a typo: KID's kernel is cubic, and so is U-GAT-IT's. Compare numbers only with the same
-# estimator and the same Inception (the FID Inception below).
+# estimator and the same Inception (the FID Inception below). Images reach it as in pytorch-fid:
+# resized to 299x299 bilinearly by torch, not by TensorFlow's resize (a small difference).
 def kid_from_features(real: torch.Tensor, fake: torch.Tensor, block_size: int = 10):
     """KID between two feature sets (N, d) by TF-GAN's block estimator, in float64: (mean, std).
     n_blocks = ceil(max(n_real, n_fake) / block_size); both sets, in the order given, are cut into
@@ -1533,34 +1586,86 @@ def kid_between_folders(real: str | Path, fake: str | Path, weights: str | None 
         features.append(torch.cat(feats).double().cpu())                     # (N, 2048)
         print(f"  Inception features of {len(feats)} images in {folder}", flush=True)
     mean, std = kid_from_features(*features)
-    print(f"KID×100 = {100 * mean:.2f} ± {100 * std:.2f}   (blocks of at most 10; "
-          f"{len(features[0])} real, {len(features[1])} fake images; FID Inception)", flush=True)
+    spread = f" ± {100 * std:.2f}" if math.isfinite(std) else " (one block: no ± below 11 images)"
+    print(f"KID×100 = {100 * mean:.2f}{spread}   (blocks of at most 10; {len(features[0])} real, "
+          f"{len(features[1])} fake images; FID Inception)", flush=True)
     return mean, std
 
 # =================================================================================================
 # 11. The command line: python magan.py train | translate | kid | export | bench
 # =================================================================================================
 # The train flags are generated from Config (section 7): each field is one flag, with its help
-# text and its check, so a default or a rule is written once. Flags left unset stay out of the
-# parsed namespace: that is how `train --resume` tells what the user asks for now from what the
-# checkpoint says. Every MaganError reaches the user as one line without a traceback: it is a
-# problem the user can fix, and the message says how. Any other exception is a bug and keeps its
-# traceback.
+# text and its rule, so a default or a rule is written once; the same rules check the config that
+# a checkpoint brings (8.1). Flags left unset stay out of the parsed namespace: that is how `train
+# --resume` tells what the user asks for now from what the checkpoint says. Every MaganError
+# reaches the user as one line without a traceback: it is a problem the user can fix, and the
+# message says how. Any other exception is a bug and keeps its traceback.
 
+def checked(convert, rule, explain: str):
+    """An argparse `type`: convert the text, then refuse a value that breaks `rule`, saying why."""
+    def parse(text: str):
+        value = convert(text)
+        if not rule(value):
+            raise argparse.ArgumentTypeError(f"{text} {explain}")
+        return value
+    return parse
+
+positive = checked(int, lambda v: v > 0, "must be a positive integer")
+non_negative = checked(float, lambda v: 0 <= v < math.inf, "must be a finite number >= 0 (0: off)")
+device_name = checked(str, lambda v: v in ("auto", "cpu", "cuda", "mps") or v[:5] == "cuda:" and
+                      v[5:].isdigit(), "is not a device: use auto, cpu, cuda, cuda:N or mps")
+RULES = {  # the rule of each Config field that has one (the others: their type, or choices)
+    "size": checked(int, lambda v: v >= 32 and v % 32 == 0, "is not a multiple of 32: G halves "
+                    "the image twice, the global D up to five times"),
+    **dict.fromkeys(("p_gen", "p_dis"), checked(float, lambda v: 1 <= v < math.inf,
+                                                "must be at least 1 (section 2)")),
+    "workers": checked(int, lambda v: v >= -1, "must be -1 or more"),
+    "device": device_name,
+    **dict.fromkeys(("ch", "n_res", "iters", "batch", "log_every", "sample_every", "save_every"),
+                    positive),
+    **dict.fromkeys(("w_adv", "w_cycle", "w_identity", "w_cam", "w_style", "w_content", "minutes",
+                     "lr", "weight_decay"), non_negative),
+}
 CONFIG_FIELDS = tuple(f.name for f in dataclasses.fields(Config))
 BENCH_FIELDS = ("size", "ch", "n_res", "light", "batch", "device", "fast", "compile")
+
+def flag_options(f: dataclasses.Field) -> dict:
+    """argparse's options for the flag of Config field f: on/off, or its rule and choices."""
+    if type(f.default) is bool:
+        return dict(action=argparse.BooleanOptionalAction)
+    return dict(type=RULES.get(f.name, type(f.default)), choices=f.metadata.get("choices"))
+
+def checked_config(values, source) -> Config:
+    """A checkpoint's config, each value checked as its flag would be: every field there, of its
+    type, within its rule. No network is built from values that no flag allows."""
+    missing = [name for name in CONFIG_FIELDS if name not in (values or ())]
+    if not isinstance(values, dict) or missing:
+        raise MaganError(f"{source}: its config lacks {', '.join(missing) or 'everything'}")
+    for f in dataclasses.fields(Config):
+        value, options = values[f.name], flag_options(f)
+        try:
+            if "action" in options:        # an on/off flag holds a bool
+                ok = type(value) is bool
+            else:                          # typed as text, the value must come back unchanged
+                ok = type(value) is not bool and options["type"](str(value)) == value
+                ok = ok and value in (options["choices"] or [value])
+        except (ValueError, argparse.ArgumentTypeError):
+            ok = False
+        if not ok:
+            raise MaganError(f"{source}: its config has {f.name} = {value!r}, which "
+                             f"--{f.name.replace('_', '-')} refuses")
+    return Config(**{name: values[name] for name in CONFIG_FIELDS})
 
 def add_config_flags(parser: argparse.ArgumentParser, names=CONFIG_FIELDS):
     """One flag per Config field in `names`, with its help and check; then --full and --preset."""
     for f in (f for f in dataclasses.fields(Config) if f.name in names):
-        kind = dict(action=argparse.BooleanOptionalAction) if type(f.default) is bool else dict(
-            type=f.metadata.get("type", type(f.default)), choices=f.metadata.get("choices"))
+        default = f" (default: {f.default})" if f.default != "" else ""
         parser.add_argument("--" + f.name.replace("_", "-"), default=argparse.SUPPRESS,
-                            help=f"{f.metadata['help']} (default: {f.default})", **kind)
+                            help=f.metadata["help"] + default, **flag_options(f))
     parser.add_argument("--full", dest="light", action="store_false", default=argparse.SUPPRESS,
                         help="full mode, the paper's setting (the same as --no-light)")
-    parser.add_argument("--preset", choices=PRESETS, help="a named set of flag values (section 7); "
-                        "the flags you type win over it")
+    parser.add_argument("--preset", choices=PRESETS, help="a named set of flag values (below "
+                        "section 11's rules); the flags you type win over it")
 
 def build_parser() -> argparse.ArgumentParser:
     """train, translate, kid, export, bench: `python magan.py COMMAND --help` lists each's flags."""
@@ -1571,23 +1676,46 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--ckpt", required=True, help="RUN/checkpoints/latest.pt, or an export")
     t.add_argument("--input", required=True, help="an image, or a folder of images")
     t.add_argument("--out", required=True, help="the folder for the translations (STEM.png)")
-    t.add_argument("--direction", choices=("a2b", "b2a"), default="a2b")
-    t.add_argument("--device", type=device_name, default="auto")
+    t.add_argument("--direction", choices=("a2b", "b2a"), default="a2b",
+                   help="a2b: A -> B with G_ab (default); b2a: B -> A with G_ba")
+    t.add_argument("--heatmaps", action="store_true",
+                   help="also the attention over each input, in OUT/heatmaps/STEM.png")
+    t.add_argument("--device", type=device_name, default="auto",
+                   help="auto (CUDA, mps, CPU; the default), cpu, cuda, cuda:N, mps")
     k = commands.add_parser("kid", help="kernel inception distance between two image folders")
     k.add_argument("--real", required=True, help="folder of real target-domain images")
     k.add_argument("--fake", required=True, help="folder of translated images")
     k.add_argument("--inception-weights", metavar="PATH", help="a copy of the FID Inception's")
-    k.add_argument("--device", type=device_name, default="auto")
+    k.add_argument("--device", type=device_name, default="auto",
+                   help="auto (CUDA, mps, CPU; the default), cpu, cuda, cuda:N, mps")
     e = commands.add_parser("export", help="a checkpoint's generators and config, for sharing")
     e.add_argument("--ckpt", required=True, help="a training checkpoint")
     e.add_argument("--out", required=True, help="the file to write, e.g. horse2zebra.pt")
-    b = commands.add_parser("bench", help="time full training iterations (appendix C)")
+    b = commands.add_parser("bench", help="time full training iterations (section 14)")
     add_config_flags(b, BENCH_FIELDS)
-    b.add_argument("--iters", type=count, default=20, help="timed iterations (default: 20)")
-    b.add_argument("--warmup", type=count, default=5, help="untimed ones first (default: 5)")
+    b.add_argument("--iters", type=positive, default=20, help="timed iterations (default: 20)")
+    b.add_argument("--warmup", type=positive, default=5, help="untimed ones first (default: 5)")
     return parser
 
-def make_config(given: dict, preset: str | None = None, saved: dict | None = None):
+# Presets: named sets of flag values, applied over the defaults; the flags the user types win.
+PRESETS = {
+    # U-GAT-IT's objective: CAM attention (GAP and GMP), no VGG losses.
+    "ugatit": dict(attention="cam", w_style=0.0, w_content=0.0),
+    # MAGAN (8) as printed: L_adv + L_style + L_rec + L_cate^G, each weight 1, no cycle or identity.
+    "eq8": dict(w_cam=1.0, w_cycle=0.0, w_identity=0.0),
+    # Real photos on a 2-core laptop in 40 minutes (section 15; why each value: data/experiments.md).
+    "laptop": dict(size=128, ch=16, lr=2e-4, w_style=0.0, w_content=0.0, detail_skip=True,
+                   w_cycle=1.0, compile=True, minutes=40.0, iters=20_000, log_every=50,
+                   sample_every=500, save_every=500),
+}
+
+# `python magan.py train` with no data: a demo on the bundled data that downloads nothing.
+BUNDLED = Path(__file__).resolve().parent / "data"
+DEMO = dict(a=str(BUNDLED / "trainA"), b=str(BUNDLED / "trainB"), out="runs/demo", size=64,
+            ch=16, n_res=2, w_style=0.0, w_content=0.0, iters=3000, log_every=50, sample_every=250,
+            save_every=500)
+
+def make_config(given: dict, preset: str | None = None, saved: dict | None = None) -> Config:
     """The config from the flags given. A new run: the defaults < the demo (when no data is given)
     < the preset < the flags. A resumed run: its checkpoint's config (`saved`) < the flags. Either
     way --data ROOT gives each domain that --a or --b does not name."""
@@ -1603,6 +1731,9 @@ def make_config(given: dict, preset: str | None = None, saved: dict | None = Non
                              f"{root}/trainB (and testA, testB): or pass --a and --b")
         values["a"] = given.get("a", str(root / "trainA"))
         values["b"] = given.get("b", str(root / "trainB"))
+    elif saved is None and len({"a", "b"} & given.keys()) == 1:
+        one, other = ("a", "b") if "a" in given else ("b", "a")
+        raise MaganError(f"--{one} names one domain: pass --{other} too, or --data ROOT")
     return Config(**{k: v for k, v in values.items() if k in CONFIG_FIELDS})
 
 def main(argv: list[str] | None = None) -> int:
@@ -1613,17 +1744,17 @@ def main(argv: list[str] | None = None) -> int:
     # the Config fields the user typed (an unset flag is absent from `args`: add_config_flags)
     given = {name: getattr(args, name) for name in CONFIG_FIELDS if hasattr(args, name)}
     try:
-        if args.command == "train":
-            if not given.get("resume"):
-                train(make_config(given, args.preset))
-            elif args.preset or "minutes" in given:  # a resumed run has its recipe and its length
-                raise MaganError("--preset and --minutes apply to a new run: at --resume, pass "
-                                 "single flags (--iters, --lr), or start a new --out")
-            else:  # the checkpoint's config, and the flags typed now; never what the weights need
-                ckpt = load_checkpoint(Path(given.get("out", Config.out), "checkpoints/latest.pt"))
-                train(make_config(given, saved=ckpt["config"]), ckpt)
+        if args.command == "train" and not given.get("resume"):
+            train(make_config(given, args.preset))
+        elif args.command == "train":  # the checkpoint's config, and the flags typed now
+            if args.preset:  # a resumed run keeps its recipe
+                raise MaganError("--preset applies to a new run: at --resume, pass single flags "
+                                 "(--iters, --lr), or start a new --out")
+            out = Path(given.get("out", Config.out))  # the folder read is the folder written
+            ckpt = load_checkpoint(out / "checkpoints" / "latest.pt")
+            train(make_config({**given, "out": str(out)}, saved=ckpt["config"]), ckpt)
         elif args.command == "translate":
-            translate(args.ckpt, args.input, args.out, args.direction, args.device)
+            translate(args.ckpt, args.input, args.out, args.direction, args.device, args.heatmaps)
         elif args.command == "kid":
             kid_between_folders(args.real, args.fake, args.inception_weights, args.device)
         elif args.command == "export":
@@ -1642,8 +1773,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 # #################################################################################################
-# Appendix A. Several GPUs: data parallel under torchrun
+#                             PART IV: EXTRAS, OUT OF THE PAPER'S WAY
 # #################################################################################################
+# =================================================================================================
+# 12. Several GPUs: data parallel under torchrun
+# =================================================================================================
 # `torchrun --nproc_per_node N magan.py train ...` starts N copies of this script and tells each its
 # RANK, its LOCAL_RANK (its GPU on this machine) and the WORLD_SIZE N. Each process trains on its
 # own --batch images per iteration: iteration k on rank r reads samples (k·N + r)·B onwards (8.2),
@@ -1655,41 +1789,56 @@ def main(argv: list[str] | None = None) -> int:
 # each generator runs twice before its backward, and D is frozen during the G step, so a wrapped
 # D would wait for gradients that never come. Averaging after each backward gives up only DDP's
 # overlap of communication with the backward pass.
-def start_processes(device_name: str) -> tuple[int, int, torch.device]:
-    """(rank, world size, this process's device); (0, 1, device) without torchrun."""
+
+@dataclass
+class Processes:
+    """This process's place among the run's processes; without torchrun, rank 0 of 1."""
+    rank: int
+    world: int
+    device: torch.device
+
+    @property
+    def main(self) -> bool:  # rank 0 writes the run folder and speaks for all
+        return self.rank == 0
+
+    def sync(self, networks):
+        """train_step's `sync`: one all-reduce per network over its flattened gradients, / N."""
+        for net in networks if self.world > 1 else []:
+            grads = [p.grad for p in net.parameters() if p.grad is not None]
+            flat = torch.cat([g.flatten() for g in grads])                 # (n_parameters,)
+            dist.all_reduce(flat)
+            for g, chunk in zip(grads, (flat / self.world).split([g.numel() for g in grads])):
+                g.copy_(chunk.view_as(g))
+
+    def reduce(self, value: float, op: str) -> float:
+        """The "max" or "min" of the processes' values, on every one: a stop signal may reach one
+        process only, and each has its own clock for a time budget."""
+        if self.world == 1:
+            return value
+        t = torch.tensor(float(value), device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.MIN)
+        return t.item()
+
+    def end(self):
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+def start_processes(device_name: str) -> Processes:
+    """This process's rank, world size and device, from torchrun's environment; the process
+    group joined when there are several."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    device = pick_device(device_name, int(os.environ.get("LOCAL_RANK", 0)))
+    device = pick_device(device_name, int(os.environ.get("LOCAL_RANK", 0)), world)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return rank, world, device
+    return Processes(rank, world, device)
 
-def average_gradients(networks):
-    """train_step's `sync`: one all-reduce per network over its flattened gradients, then / N."""
-    for net in networks:
-        grads = [p.grad for p in net.parameters() if p.grad is not None]
-        flat = torch.cat([g.flatten() for g in grads])                     # (n_parameters,)
-        dist.all_reduce(flat)
-        flat /= dist.get_world_size()
-        for g, chunk in zip(grads, flat.split([g.numel() for g in grads])):
-            g.copy_(chunk.view_as(g))
-
-def all_ranks(value: float, world: int, device: torch.device, op=dist.ReduceOp.MAX) -> float:
-    """The largest (or, with op=MIN, the smallest) of every rank's value, on every rank: a stop
-    signal may reach one process only, and each has its own clock for the time budget."""
-    if world == 1:
-        return value
-    t = torch.tensor(float(value), device=device)
-    dist.all_reduce(t, op=op)
-    return t.item()
-
-
-# #################################################################################################
-# Appendix B. The run page: RUN/index.html
-# #################################################################################################
+# =================================================================================================
+# 13. The run page: RUN/index.html
+# =================================================================================================
 # Plain HTML with inline SVG, rewritten at every sample: no server, no JavaScript, nothing to
 # install; it opens from a laptop's disk or a cluster's shared folder alike and reloads itself
 # every minute. A term whose values span more than two decades (L_G starts in the thousands) is
-# drawn on a log scale; a moving average (red) over the logged values (grey) shows the trend.
+# drawn on a log scale.
 
 def ticks(lo: float, hi: float, n: int = 4) -> list[float]:
     """About n round numbers (1, 2 or 5 times a power of ten apart) from lo to hi."""
@@ -1707,9 +1856,9 @@ def svg_chart(name: str, points: list[tuple[int, float]], w: int = 360, h: int =
     px = lambda x: round(50 + (x - x0) / (x1 - x0) * (w - 60), 1)
     py = lambda y: round(h - 30 - (y - y0) / (y1 - y0) * (h - 50), 1)
     text = '<text x="{}" y="{}" text-anchor="{}">{}</text>'.format
+    title = f"{name} (log scale)" if log else name
     parts = [f'<path d="M50 20V{h - 30}H{w - 10}" fill="none" stroke="#888"/>',
-             text(50, 13, "start", name + " (log scale)" * log),
-             text(w - 10, h - 2, "end", "iteration")]
+             text(50, 13, "start", title), text(w - 10, h - 2, "end", "iteration")]
     for t in range(math.ceil(y0), math.floor(y1) + 1) if log else ticks(y0, y1):
         v = 10 ** t if log else t
         parts += [f'<path d="M50 {py(t)}H{w - 10}" stroke="#eee"/>',
@@ -1721,30 +1870,29 @@ def svg_chart(name: str, points: list[tuple[int, float]], w: int = 360, h: int =
     parts.append(f'<polyline points="{line}" fill="none" stroke="#c33" data-term="{name}"/>')
     return f'<svg width="{w}" height="{h}" font-size="11">{"".join(parts)}</svg>'
 
-def write_run_page(run: Path, cfg: Config, iteration: int, speed: float):
-    """RUN/index.html: a status line, the latest sample grids, and a chart of each loss term."""
-    with open(run / "log.csv", newline="") as f:
-        rows = list(csv.DictReader(f))
+def run_page(cfg: Config, progress, latest: int | None) -> str:
+    """RUN/index.html: where the run is, the latest sample grids (if any yet), a chart of each loss
+    term logged (if any yet)."""
     terms = ["D", "G"] + [t for t in LOSS_TERMS if getattr(cfg, f"w_{t}") > 0]
-    charts = "".join(svg_chart(t, [(int(r["iteration"]), float(r[t])) for r in rows])
-                     for t in terms)
+    rows, done = progress.rows, progress.last_iteration
+    charts = "".join(svg_chart(t, [(r["iteration"], r[t]) for r in rows]) for t in terms if rows)
     width = 4 * max(cfg.size, 192)  # tiles of 192 px or more: a 64-px sample is too small to judge
-    grids = "".join(f'<figure><img src="samples/{d}_{iteration:07d}.png" style="width:{width}px;'
-                    f'max-width:100%;image-rendering:pixelated"><figcaption>{label} at iteration '
-                    f'{iteration}: input | attention | translation | cycle</figcaption></figure>'
-                    for d, label in (("a2b", "A → B"), ("b2a", "B → A")))
-    eta = format_seconds((cfg.iters - iteration) / speed) if speed else "--"
-    name = html.escape(run.name)
-    page = (f'<!doctype html><meta charset="utf-8"><meta http-equiv="refresh" content="60"><title>'
-            f'magan {name}</title><body style="font-family:sans-serif"><h1>magan run {name}</h1><p>'
-            f'iteration {iteration} of {cfg.iters} · {speed:.2f} it/s · ETA {eta} · updated '
-            f'{time.strftime("%Y-%m-%d %H:%M:%S")}</p>{grids}<h2>Losses (log.csv)</h2>{charts}')
-    write_atomically(run / "index.html", lambda f: f.write(page.encode()))
+    grids = "".join(f'<figure><img src="samples/{d}_{latest:07d}.png" alt="{label} sample grid" '
+                    f'style="width:{width}px;max-width:100%;image-rendering:pixelated"><figcaption>'
+                    f'{label} at iteration {latest}: input | attention | translation | cycle'
+                    f'</figcaption></figure>' for d, label in (("a2b", "A → B"), ("b2a", "B → A"))
+                    ) if latest else f"<p>Sample grids come every {cfg.sample_every} iterations.</p>"
+    name = html.escape(Path(cfg.out).name)
+    return (f'<!doctype html><meta charset="utf-8"><meta http-equiv="refresh" content="60"><title>'
+            f'magan {name}</title><body style="font-family:sans-serif"><h1>magan run {name}</h1>'
+            f'<p>iteration {done} of {cfg.iters} · {progress.speed:.2f} it/s · ETA '
+            f'{progress.eta()} · updated {time.strftime("%Y-%m-%d %H:%M:%S")}</p>{grids}<h2>'
+            f'Losses (log.csv)</h2>{charts or f"<p>Logged every {cfg.log_every} iterations.</p>"}')
 
 
-# #################################################################################################
-# Appendix C. bench: how fast is one full training iteration?
-# #################################################################################################
+# =================================================================================================
+# 14. bench: how fast is one full training iteration?
+# =================================================================================================
 # `bench` times training's own iteration (a D step and a G step with every loss that is on; the
 # fast path unless --no-fast; compiled with --compile) on random images, with a random VGG19 in
 # place of ImageNet's: the same computation. The first --warmup iterations (memory allocation,
@@ -1776,6 +1924,35 @@ def bench(cfg: Config, iters: int = 20, warmup: int = 5) -> dict:
           f"iteration after {warmup} warm-up iterations ({seconds[0]:.1f} s); peak memory "
           f"{peak:.2f} GiB; 1,000,000 iterations: {format_seconds(1000 * ms)}", flush=True)
     return dict(ms_per_iter=ms, peak_gib=peak, warmup_s=seconds[0])
+
+
+# =================================================================================================
+# 15. The laptop recipe: the detail skip (--preset laptop; not the paper)
+# =================================================================================================
+# --preset laptop (section 11) trains on real photos in 40 minutes on a 2-core CPU: 128 px, a
+# narrow network, no VGG losses, a pixel cycle weight of 1, a time budget, and one change to the
+# model. A generator without skip connections must carry every edge of its input through its S/4
+# grid and draw it again, and it learns that slowly: in a short run its translations are blurred,
+# and D tells them from photos by the blur alone. The detail skip hands the detail finer than that
+# grid, what averaging over 4x4 pixels removes, straight to the output:
+#     G(x) = clamp(tanh(network(x)) + x − blur(x), −1, 1)
+# The network draws the coarse image (colours, light, stripes); the photo keeps its own edges.
+# The clamp keeps every image in [-1, 1]: values beyond would tell D which images are fakes.
+# Why each value of the recipe: data/experiments.md, "laptop".
+
+def fine_detail(x: torch.Tensor, factor: int = 4) -> torch.Tensor:
+    """x − blur(x): what averaging over factor x factor cells, resized back, removes.
+    (B, 3, S, S) -> (B, 3, S, S), S a multiple of factor."""
+    coarse = F.avg_pool2d(x, factor)                                           # (B, 3, S/4, S/4)
+    return x - F.interpolate(coarse, scale_factor=factor, mode="bilinear", align_corners=False)
+
+class DetailSkipGenerator(Generator):
+    """The paper's Generator (section 3), with the input's fine detail added to its output. The
+    same weights and the same state_dict keys; only the last step differs."""
+
+    def forward(self, x: torch.Tensor):                                   # x: (B, 3, S, S)
+        image, logits, heatmap = super().forward(x)
+        return (image.float() + fine_detail(x.float())).clamp(-1, 1), logits, heatmap
 
 
 if __name__ == "__main__":
