@@ -653,9 +653,8 @@ def train_step(nets, vgg, opt_G, opt_D, x_a, x_b, cfg, autocast=nullcontext(), s
 # 7. The configuration and the loop
 # =================================================================================================
 # One dataclass holds every setting; each default is the paper's, or says where the paper is
-# silent. The command line is generated from it (section 11): each field is a flag (`n_res` ->
-# `--n-res`) whose help is the text beside it. Section 11 also holds the rule each value keeps,
-# the presets and the demo.
+# silent. Each field is a flag (`n_res` -> `--n-res`) whose help is the text beside it; the
+# rule each value keeps, the presets and the demo are in the command line's section 11.
 
 def option(default, help: str, **argparse_kwargs):
     """A Config field with its help text (and `choices=` where the values are a few names)."""
@@ -663,8 +662,7 @@ def option(default, help: str, **argparse_kwargs):
 
 @dataclass
 class Config:
-    # the data and the run folder: --data ROOT (the CycleGAN layout ROOT/trainA, trainB, testA,
-    # testB; --a or --b then replaces one domain), or --a and --b
+    # the data, --data ROOT (the CycleGAN layout; --a or --b replaces a domain) or --a and --b
     data: str = option("", "a dataset root: ROOT/trainA, trainB (testA, testB for the samples)")
     a: str = option("", "folder of domain-A training images")
     b: str = option("", "folder of domain-B training images")
@@ -706,12 +704,9 @@ class Config:
     save_every: int = option(1000, "write checkpoints/latest.pt every N iterations")
     resume: bool = option(False, "continue the run in --out from its checkpoints/latest.pt")
 
-# The loop is the whole run in one screen, nanoGPT-style: set up, then iterate. The set-up runs in
-# the order that fails fastest: the run folder and config first, then the data (every folder
-# listed and checked), and only then the slow parts (networks, VGG, compiling). The loop body is
-# four stages: set the learning rate, take one step, watch it, save. A run's last iteration (its
-# end, a stop signal or the time budget) writes everything: log.csv, the grids, the page, the
-# checkpoint. Section 8 defines what the loop calls, in that order.
+# The whole run in one screen, nanoGPT-style. The set-up fails fastest first: the run folder and
+# config, the data, then the slow parts (networks, VGG, compiling). The loop: the learning rate,
+# one step, watch, save; its last iteration (the end, a stop signal, the time) writes everything.
 
 def train(cfg: Config, checkpoint: dict | None = None) -> Path:
     """Train (or, with cfg.resume, continue) the run in cfg.out. Returns the run folder."""
@@ -727,9 +722,8 @@ def train(cfg: Config, checkpoint: dict | None = None) -> Path:
             restore(checkpoint, nets, opt_G, opt_D, cfg)
         length = RunLength(cfg, checkpoint, began, processes)                   # 8.4
         folder = RunFolder(cfg, start, processes.main)           # 8.5: the files on disk
-        progress = Progress(cfg, start, length, folder)          # 8.6: the terminal and log.csv
+        progress = Progress(cfg, start, length, folder, data, autocast)  # 8.6: terminal, log.csv
         pictures = SamplePage(cfg, progress, folder, processes.device)  # the grids and the page
-        progress.begin(data, processes.device, autocast)         # "training to iteration ..."
         with StopOnSignal() as signals:                                         # 8.7
             for iteration, (x_a, x_b, skipped) in enumerate(batches, start + 1):
                 # 1. The learning rate, from the number of steps already taken.
@@ -793,14 +787,15 @@ def check_run(cfg: Config, checkpoint: dict | None) -> tuple[Config, dict | None
     if not cfg.resume:
         return cfg, None
     checkpoint = checkpoint or load_checkpoint(latest)
-    saved, done, used = checkpoint["config"], checkpoint["iteration"], checkpoint.get("seconds_used")
+    saved, done = checkpoint["config"], checkpoint["iteration"]
+    used = checkpoint.get("seconds_used")  # None: the length is fixed (8.4)
     for name in ARCHITECTURE:  # the weights fit only the networks they were trained in
         if saved[name] != getattr(cfg, name):
             raise MaganError(f"--{name.replace('_', '-')} {getattr(cfg, name)!r}: the run was "
                              f"trained with {saved[name]!r}; drop the flag")
     if done >= cfg.iters:  # e.g. a finished run: nothing left to train
         raise MaganError(f"the run is at iteration {done} already: pass a larger --iters")
-    if cfg.minutes != saved["minutes"] and used is None:  # see 8.4
+    if cfg.minutes != saved["minutes"] and used is None:
         raise MaganError(f"--minutes fixes a new run's length; this run trains to iteration "
                          f"{cfg.iters}: change that with --iters")
     if cfg.minutes and used is not None and used >= 60 * cfg.minutes:
@@ -912,9 +907,9 @@ def list_images(folder: str | Path) -> list[Path]:
 class UnpairedImages(torch.utils.data.Dataset):
     """Item k is the k-th training sample (x_a, x_b, skipped) for any k >= 0: each domain is walked
     in a fresh random order every epoch, independently, and each image gets U-GAT-IT's augmentation
-    (U-GAT-IT appendix B.2): a horizontal flip with p = 0.5, a resize to (S+30)², a random SxS crop. A file
-    that fails to decode (a truncated JPEG, say) is replaced by the next one, and named in
-    `skipped` for the run to report."""
+    (U-GAT-IT appendix B.2): a horizontal flip with p = 0.5, a resize to (S+30)², a random SxS
+    crop. A file that fails to decode (a truncated JPEG, say) is replaced by the next one, and
+    named in `skipped` for the run to report."""
 
     def __init__(self, folder_a, folder_b, size: int, seed: int):
         self.files = [list_images(folder_a), list_images(folder_b)]
@@ -1101,7 +1096,8 @@ class RunLength:
         used = checkpoint.get("seconds_used") if checkpoint else 0.0  # None: the length is fixed
         budget = cfg.minutes and used is not None
         self.deadline = began + 60 * cfg.minutes - used if budget else None
-        self.cfg, self.processes, self.first, self.fixed, self.reason = cfg, processes, None, False, None
+        self.cfg, self.processes, self.first, self.fixed = cfg, processes, None, False
+        self.reason = None  # why the run stopped short of cfg.iters
 
     def is_last(self, iteration: int, signal: str | None) -> bool:
         now = time.monotonic()
@@ -1204,24 +1200,22 @@ class Progress:
     at least every 30 s; a log.csv row at every log point and checkpoint. Reading the losses
     there stops the run on a NaN, before it reaches a checkpoint."""
 
-    def __init__(self, cfg: Config, start: int, length: RunLength, folder: RunFolder):
+    def __init__(self, cfg: Config, start: int, length: RunLength, folder: RunFolder,
+                 data: UnpairedImages, autocast):
         self.cfg, self.start, self.length, self.folder = cfg, start, length, folder
         self.rows = read_log(folder.path / "log.csv", start)
         self.began = self.last_time = time.monotonic()
         self.last_iteration, self.speed, self.reported = start, 0.0, set()
+        left, device = length.seconds_left(), length.processes.device
+        within = "" if left is None else f" within {format_seconds(left)}"
+        precision = "bf16" if isinstance(autocast, torch.autocast) else "fp32"
+        self.say(f"{'resumed: ' if start else ''}training to iteration {cfg.iters}{within} on "
+                 f"{device} ({precision}), {len(data.files[0])} + {len(data.files[1])} images; "
+                 f"watch {folder.path / 'index.html'}")
 
     def say(self, text: str):
         if self.folder.main:  # the main process speaks for all
             print(text, flush=True)
-
-    def begin(self, data: UnpairedImages, device: torch.device, autocast):
-        """The first line: what runs, where, and where to watch it."""
-        left = self.length.seconds_left()
-        within = "" if left is None else f" within {format_seconds(left)}"
-        precision = "bf16" if isinstance(autocast, torch.autocast) else "fp32"
-        self.say(f"{'resumed: ' if self.start else ''}training to iteration {self.cfg.iters}"
-                 f"{within} on {device} ({precision}), {len(data.files[0])} + "
-                 f"{len(data.files[1])} images; watch {self.folder.path / 'index.html'}")
 
     def report(self, iteration: int, lr: float, losses: dict, skipped: list[str], log: bool):
         for name in set(skipped) - self.reported:  # each process names its unreadable files once
@@ -1237,8 +1231,8 @@ class Progress:
         if log:
             self.rows.append(dict(iteration=iteration, elapsed_s=round(now - self.began, 2),
                                   it_per_s=round(self.speed, 4), lr=lr, **values))
-            lines = [",".join(COLUMNS)] + [",".join(str(row[c]) for c in COLUMNS) for row in self.rows]
-            self.folder.write("log.csv", "\n".join(lines + [""]).encode())
+            lines = [",".join(str(row[c]) for c in COLUMNS) for row in self.rows]
+            self.folder.write("log.csv", "\n".join([",".join(COLUMNS), *lines, ""]).encode())
         terms = "  ".join(f"{k} {values[k]:.4g}" for k in LOSS_TERMS if getattr(self.cfg, "w_" + k))
         # the first iteration carries the start-up (compiling, for one): its time, no speed
         timing = (f"first iteration {seconds:.1f} s, start-up included" if first else
@@ -1278,7 +1272,7 @@ def read_log(path: Path, start: int) -> list[dict]:
         rows = [{k: (int if k == "iteration" else float)(row[k]) for k in COLUMNS} for row in rows]
         return [row for row in rows if row["iteration"] <= start]
     except (KeyError, TypeError, ValueError) as e:
-        raise MaganError(f"cannot read {path} ({first_line(e)}): move it away, then resume") from None
+        raise MaganError(f"cannot read {path} ({first_line(e)}): move it away and resume") from None
 
 def format_seconds(seconds: float) -> str:
     """12345.6 -> 3h25m45s"""
@@ -1290,10 +1284,10 @@ class SamplePage:
     start, so that the first line's "watch RUN/index.html" holds at once."""
 
     def __init__(self, cfg: Config, progress: Progress, folder: RunFolder, device: torch.device):
-        self.cfg, self.progress, self.folder, self.latest = cfg, progress, folder, None
+        self.cfg, self.progress, self.folder = cfg, progress, folder
         if folder.main:
             self.samples = [sample_images(d, cfg.size).to(device) for d in (cfg.a, cfg.b)]
-            self.folder.write("index.html", self.page())
+            folder.write("index.html", run_page(cfg, progress, None).encode())
 
     def draw(self, iteration: int, nets: MAGAN):
         if not self.folder.main:
@@ -1303,11 +1297,7 @@ class SamplePage:
             grid = sample_grid(G, G_back, x).add(1).div(2)            # 4 rows of 4 (3, S, S)
             self.folder.write(f"samples/{name}_{iteration:07d}.png", lambda f: save_image(
                 grid, f, format="png", nrow=4, padding=2, pad_value=1))
-        self.latest = iteration
-        self.folder.write("index.html", self.page())
-
-    def page(self) -> bytes:
-        return run_page(self.cfg, self.progress, self.latest).encode()
+        self.folder.write("index.html", run_page(self.cfg, self.progress, iteration).encode())
 
 def sample_images(train_folder: str, size: int) -> torch.Tensor:
     """The rows of every sample grid: the first 4 readable images of testA beside trainA (the
@@ -1680,14 +1670,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a2b: A -> B with G_ab (default); b2a: B -> A with G_ba")
     t.add_argument("--heatmaps", action="store_true",
                    help="also the attention over each input, in OUT/heatmaps/STEM.png")
-    t.add_argument("--device", type=device_name, default="auto",
-                   help="auto (CUDA, mps, CPU; the default), cpu, cuda, cuda:N, mps")
+    device = dict(type=device_name, default="auto", help="auto (default), cpu, cuda, cuda:N, mps")
+    t.add_argument("--device", **device)
     k = commands.add_parser("kid", help="kernel inception distance between two image folders")
     k.add_argument("--real", required=True, help="folder of real target-domain images")
     k.add_argument("--fake", required=True, help="folder of translated images")
     k.add_argument("--inception-weights", metavar="PATH", help="a copy of the FID Inception's")
-    k.add_argument("--device", type=device_name, default="auto",
-                   help="auto (CUDA, mps, CPU; the default), cpu, cuda, cuda:N, mps")
+    k.add_argument("--device", **device)
     e = commands.add_parser("export", help="a checkpoint's generators and config, for sharing")
     e.add_argument("--ckpt", required=True, help="a training checkpoint")
     e.add_argument("--out", required=True, help="the file to write, e.g. horse2zebra.pt")
@@ -1703,7 +1692,7 @@ PRESETS = {
     "ugatit": dict(attention="cam", w_style=0.0, w_content=0.0),
     # MAGAN (8) as printed: L_adv + L_style + L_rec + L_cate^G, each weight 1, no cycle or identity.
     "eq8": dict(w_cam=1.0, w_cycle=0.0, w_identity=0.0),
-    # Real photos on a 2-core laptop in 40 minutes (section 15; why each value: data/experiments.md).
+    # Real photos on a 2-core laptop in 40 minutes (section 15; each value: data/experiments.md).
     "laptop": dict(size=128, ch=16, lr=2e-4, w_style=0.0, w_content=0.0, detail_skip=True,
                    w_cycle=1.0, compile=True, minutes=40.0, iters=20_000, log_every=50,
                    sample_every=500, save_every=500),
@@ -1796,10 +1785,7 @@ class Processes:
     rank: int
     world: int
     device: torch.device
-
-    @property
-    def main(self) -> bool:  # rank 0 writes the run folder and speaks for all
-        return self.rank == 0
+    main: bool  # rank 0: it writes the run folder and speaks for all
 
     def sync(self, networks):
         """train_step's `sync`: one all-reduce per network over its flattened gradients, / N."""
@@ -1830,7 +1816,7 @@ def start_processes(device_name: str) -> Processes:
     device = pick_device(device_name, int(os.environ.get("LOCAL_RANK", 0)), world)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return Processes(rank, world, device)
+    return Processes(rank, world, device, main=rank == 0)
 
 # =================================================================================================
 # 13. The run page: RUN/index.html
@@ -1880,8 +1866,8 @@ def run_page(cfg: Config, progress, latest: int | None) -> str:
     grids = "".join(f'<figure><img src="samples/{d}_{latest:07d}.png" alt="{label} sample grid" '
                     f'style="width:{width}px;max-width:100%;image-rendering:pixelated"><figcaption>'
                     f'{label} at iteration {latest}: input | attention | translation | cycle'
-                    f'</figcaption></figure>' for d, label in (("a2b", "A → B"), ("b2a", "B → A"))
-                    ) if latest else f"<p>Sample grids come every {cfg.sample_every} iterations.</p>"
+                    f'</figcaption></figure>' for d, label in (("a2b", "A → B"), ("b2a", "B → A")))
+    grids = grids if latest else f"<p>Sample grids come every {cfg.sample_every} iterations.</p>"
     name = html.escape(Path(cfg.out).name)
     return (f'<!doctype html><meta charset="utf-8"><meta http-equiv="refresh" content="60"><title>'
             f'magan {name}</title><body style="font-family:sans-serif"><h1>magan run {name}</h1>'

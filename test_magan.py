@@ -554,7 +554,8 @@ def test_vgg_weights_from_a_torchvision_state_dict_and_clear_error_when_missing(
     assert torch.equal(vgg.to_relu5_4[-2].weight, state["features.34.weight"])  # conv5_4
     with pytest.raises(MaganError) as error:
         magan.train(tiny_config(tmp_path, vgg_weights=str(tmp_path / "missing.pth")))
-    fixes = ("--vgg-weights PATH", "--w-style 0 --w-content 0", "--vgg-weights random", "NOT the paper")
+    fixes = ("--vgg-weights PATH", "--w-style 0 --w-content 0", "--vgg-weights random",
+             "NOT the paper")
     for fix in fixes:
         assert fix in str(error.value)
     assert not (tmp_path / "run").exists()  # failed before training started
@@ -595,8 +596,10 @@ class StepRecorder:
         them all."""
         for event in (e for e in events if e[0] == "forward" and e[1] == name):
             seen = event[2]
-            index = [next((i for i in range(len(seen)) if torch.equal(seen[i].float(), row.float())),
-                          None) for row in inputs]
+            def where(row):
+                same = (i for i in range(len(seen)) if torch.equal(seen[i].float(), row.float()))
+                return next(same, None)
+            index = [where(row) for row in inputs]
             if None not in index:
                 return tuple(field[index] for field in event[3])
         raise AssertionError(f"{name} never saw these inputs in this phase")
@@ -636,7 +639,8 @@ def test_training_step_losses_by_hand(tmp_path, gan_loss):
     judges = (("D_ga", x_a, fake_ba), ("D_la", x_a, fake_ba), ("D_gb", x_b, fake_ab),
               ("D_lb", x_b, fake_ab))
     for D, real, fake in judges:
-        (r_patch, r_class, _), (f_patch, f_class, _) = rec.rows(before, D, real), rec.rows(before, D, fake)
+        (r_patch, r_class, _), (f_patch, f_class, _) = (rec.rows(before, D, real),
+                                                        rec.rows(before, D, fake))
         d_total = d_total + adv(r_patch, 1) + adv(f_patch, 0) + adv(r_class, 1) + adv(f_class, 0)
     assert losses["D"].item() == pytest.approx(weights["adv"] * d_total.item(), rel=1e-5)
 
@@ -732,7 +736,7 @@ def test_adam_follows_the_paper():
             for q in others:
                 q.grad = None
             opt.step()
-            g = p.grad + 1e-4 * x                                # L2 weight decay, as torch.optim.Adam
+            g = p.grad + 1e-4 * x                        # L2 weight decay, as torch.optim.Adam
             m, v = 0.5 * m + 0.5 * g, 0.999 * v + 0.001 * g * g
             x = x - 1e-4 * (m / (1 - 0.5 ** t)) / ((v / (1 - 0.999 ** t)).sqrt() + 1e-8)
             assert torch.allclose(p.detach(), x, rtol=1e-5, atol=1e-8), t
@@ -816,7 +820,8 @@ def test_a_budget_counts_the_start_up_and_never_jumps_the_rate(tmp_path, monkeyp
     schedule = Config(iters=15, lr=1e-4)
     assert rates == pytest.approx([magan.learning_rate(step, schedule) for step in range(15)])
     assert checkpoint_of(run)["seconds_used"] is None  # fixed: a resume trains to 15
-    second = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("[   2/"))
+    lines = capsys.readouterr().out.splitlines()
+    second = next(line for line in lines if line.startswith("[   2/"))
     assert "ETA 0h01m15s" in second  # 998 more at 5 s would take 83 minutes; 75 s are left
 
 def test_the_deadline_ends_the_run_at_any_iteration_and_the_stop_writes_everything(
@@ -868,7 +873,8 @@ def test_a_budget_used_up_before_the_length_was_fixed_asks_for_more_minutes(tmp_
     assert "--resume --minutes" in capsys.readouterr().err
     assert magan.main(["train", "--out", str(run), "--resume", "--minutes", "3"]) == 0
     assert 1 < checkpoint_of(run)["iteration"] == checkpoint_of(run)["config"]["iters"] < 40
-    assert magan.main(["train", "--out", str(run), "--resume", "--minutes", "9", "--iters", "50"]) == 2
+    more = ["--minutes", "9", "--iters", "50"]
+    assert magan.main(["train", "--out", str(run), "--resume", *more]) == 2
     assert "--minutes fixes a new run's length" in capsys.readouterr().err
 
 
@@ -914,7 +920,8 @@ def test_one_domain_without_the_other_is_refused(tmp_path, capsys):
     for flag in ("--a", "--b"):
         assert magan.main(["train", flag, str(DATA / "trainA"), "--out", str(tmp_path / "r")]) == 2
         other = "--b" if flag == "--a" else "--a"
-        assert f"{flag} names one domain: pass {other} too, or --data ROOT" in capsys.readouterr().err
+        error = capsys.readouterr().err
+        assert f"{flag} names one domain: pass {other} too, or --data ROOT" in error
     assert not (tmp_path / "r").exists()
     cfg = magan.make_config({"data": str(DATA), "a": str(DATA / "testA")})  # --data fills the other
     assert (cfg.a, cfg.b) == (str(DATA / "testA"), str(DATA / "trainB"))
@@ -1000,7 +1007,8 @@ def test_each_process_reads_its_own_samples_of_each_iteration():
 
 def test_samples_come_from_test_folders_beside_train(tmp_path):
     rows = magan.sample_images(str(DATA / "trainA"), 32)
-    first = magan.load_rgb(DATA / "testA" / "0000.jpg", 32).resize((32, 32), Image.Resampling.BILINEAR)
+    first = magan.load_rgb(DATA / "testA" / "0000.jpg", 32)
+    first = first.resize((32, 32), Image.Resampling.BILINEAR)
     assert rows.shape == (4, 3, 32, 32) and torch.equal(rows[0], magan.to_tensor(first))
     lonely = solid_folder(tmp_path / "trainA", 2)  # no testA beside it: samples from train
     expected = magan.to_tensor(Image.open(lonely / "0.png").resize((32, 32)))
@@ -1379,7 +1387,8 @@ def test_sigterm_to_one_of_two_processes_stops_both_and_saves_once(tmp_path):
     wait_for_progress(processes[0])
     processes[1].send_signal(signal.SIGTERM)
     outputs = [p.communicate(timeout=120) for p in processes]
-    assert [p.returncode for p in processes] == [0, 0], outputs[0][1][-2000:] + outputs[1][1][-2000:]
+    errors = outputs[0][1][-2000:] + outputs[1][1][-2000:]
+    assert [p.returncode for p in processes] == [0, 0], errors
     iteration = checkpoint_of(out)["iteration"]
     assert f"stopped at iteration {iteration} of" in outputs[0][0] and outputs[1][0] == ""
 
@@ -1664,7 +1673,9 @@ def test_bench_times_training_iterations_and_takes_the_preset_then_typed_flags(m
     out = capsys.readouterr().out
     assert "ms per iteration" in out and "1,000,000 iterations:" in out
     seen = {}
-    monkeypatch.setattr(magan, "bench", lambda cfg, iters, warmup: seen.update(cfg=cfg, iters=iters))
+    def bench(cfg, iters, warmup):
+        seen.update(cfg=cfg, iters=iters)
+    monkeypatch.setattr(magan, "bench", bench)
     assert magan.main(["bench", "--preset", "laptop", "--size", "32", "--iters", "3"]) == 0
     cfg = seen["cfg"]
     assert (cfg.size, cfg.ch, cfg.detail_skip, seen["iters"]) == (32, 16, True, 3)
@@ -1790,7 +1801,8 @@ def start_training(out: Path, workers: int, new_session: bool = False) -> subpro
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=HERE,
         start_new_session=new_session)
 
-@pytest.mark.parametrize("sig,workers", [("SIGINT", 0), ("SIGTERM", 0), ("SIGTERM to the group", 2)])
+@pytest.mark.parametrize("sig,workers", [("SIGINT", 0), ("SIGTERM", 0),
+                                         ("SIGTERM to the group", 2)])
 def test_a_stop_signal_saves_and_exits_cleanly(tmp_path, sig, workers):
     """Ctrl-C, or SIGTERM as a scheduler sends it; `timeout`, SLURM and systemd signal the whole
     process group, data workers included: one save, exit code 0, no traceback."""
@@ -1867,7 +1879,8 @@ def test_a_full_disk_ends_the_run_in_one_line_with_the_last_checkpoint_whole(tmp
         capture_output=True, text=True, cwd=HERE, timeout=120)
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
     error = result.stderr.strip().splitlines()
-    assert len(error) == 1 and error[0].startswith(f"error: could not write {small}/run/checkpoints")
+    assert len(error) == 1
+    assert error[0].startswith(f"error: could not write {small}/run/checkpoints")
     assert "if the disk is full, free some space" in error[0]
     assert "holds iteration 2, intact: continue with" in error[0] and "--resume" in error[0]
     assert magan.load_checkpoint(kept / "checkpoints" / "latest.pt")["iteration"] == 2
@@ -1995,7 +2008,8 @@ def test_every_setting_that_changes_the_networks_is_kept_at_resume(trained_run, 
     for f in dataclasses.fields(Config):
         other = dataclasses.replace(base, **{f.name: changed(getattr(base, f.name))})
         other_shapes, other_out = outputs(other, weights)
-        if other_shapes != shapes or not all(torch.equal(a, b) for a, b in zip(reference, other_out)):
+        same = other_shapes == shapes and all(map(torch.equal, reference, other_out))
+        if not same:
             defining.append(f.name)
     assert "detail_skip" in defining and "p_gen" in defining and "lr" not in defining
     run = tmp_path / "copy"
@@ -2004,8 +2018,10 @@ def test_every_setting_that_changes_the_networks_is_kept_at_resume(trained_run, 
     for name in defining:
         value = changed(saved[name])
         flag = f"--{name.replace('_', '-')}"
-        argv = [flag if value else f"--no-{flag[2:]}"] if type(value) is bool else [flag, str(value)]
-        assert magan.main(["train", "--out", str(run), "--resume", "--iters", "5", *argv]) == 2, name
+        on_off = [flag if value else f"--no-{flag[2:]}"]
+        typed = on_off if type(value) is bool else [flag, str(value)]
+        argv = ["train", "--out", str(run), "--resume", "--iters", "5", *typed]
+        assert magan.main(argv) == 2, name
         assert f"the run was trained with {saved[name]!r}" in capsys.readouterr().err, name
 
 def test_resume_takes_the_checkpoints_config_and_only_the_flags_typed_now(trained_run, tmp_path,
@@ -2073,7 +2089,8 @@ def test_detail_skip_adds_the_inputs_fine_detail_and_stays_in_range():
     generator's image plus the detail, clamped; a network that draws grey gives x − blur(x); and
     no value leaves [-1, 1], where the unclamped sum reaches beyond on high-contrast inputs."""
     torch.manual_seed(0)
-    plain, skip = Generator(ch=4, n_res=1, size=32), magan.DetailSkipGenerator(ch=4, n_res=1, size=32)
+    plain = Generator(ch=4, n_res=1, size=32)
+    skip = magan.DetailSkipGenerator(ch=4, n_res=1, size=32)
     skip.load_state_dict(plain.state_dict())  # the same keys: a checkpoint fits either
     x = random_images(2, 32, 1).sign()                            # every pixel at ±1: much detail
     unclamped = plain(x)[0] + magan.fine_detail(x)
