@@ -1863,11 +1863,13 @@ def run_page(cfg: Config, progress, latest: int | None) -> str:
     rows, done = progress.rows, progress.last_iteration
     charts = "".join(svg_chart(t, [(r["iteration"], r[t]) for r in rows]) for t in terms if rows)
     width = 4 * max(cfg.size, 192)  # tiles of 192 px or more: a 64-px sample is too small to judge
-    grids = "".join(f'<figure><img src="samples/{d}_{latest:07d}.png" alt="{label} sample grid" '
-                    f'style="width:{width}px;max-width:100%;image-rendering:pixelated"><figcaption>'
-                    f'{label} at iteration {latest}: input | attention | translation | cycle'
-                    f'</figcaption></figure>' for d, label in (("a2b", "A → B"), ("b2a", "B → A")))
-    grids = grids if latest else f"<p>Sample grids come every {cfg.sample_every} iterations.</p>"
+    grids = f"<p>Sample grids come every {cfg.sample_every} iterations.</p>"
+    if latest:
+        grids = "".join(f'<figure><img src="samples/{d}_{latest:07d}.png" alt="{label} sample '
+                        f'grid" style="width:{width}px;max-width:100%;image-rendering:pixelated">'
+                        f'<figcaption>{label} at iteration {latest}: input | attention | '
+                        f'translation | cycle</figcaption></figure>'
+                        for d, label in (("a2b", "A → B"), ("b2a", "B → A")))
     name = html.escape(Path(cfg.out).name)
     return (f'<!doctype html><meta charset="utf-8"><meta http-equiv="refresh" content="60"><title>'
             f'magan {name}</title><body style="font-family:sans-serif"><h1>magan run {name}</h1>'
