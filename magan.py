@@ -1755,8 +1755,8 @@ def main(argv: list[str] | None = None) -> int:
     except MaganError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:  # a second Ctrl-C while training: stop now, without saving
-        print("\naborted: the last checkpoint is intact", file=sys.stderr)
+    except KeyboardInterrupt:  # a second Ctrl-C, or one before training began: stop now
+        print("\naborted: any checkpoint written before is intact", file=sys.stderr)
         return 130
     return 0
 
