@@ -1,5 +1,5 @@
 # Copyright (c) 2026 the magan authors
-# SPDX-License-Identifier: MIT   (the licence's text: README.md; keep these two lines in a copy)
+# SPDX-License-Identifier: MIT   (the licence's text ends the docstring: keep it in a copy)
 """
 MAGAN: unsupervised image-to-image translation with multi-angle attention, in one file.
 
@@ -44,6 +44,20 @@ Not covered here, to keep one path through the file:
   * FID, and KID's random-subset protocol (torch-fidelity, torchmetrics);
   * DistributedDataParallel (section 12 says why) and fp16 mixed precision (bf16 needs no scaler).
 Images are tensors in [-1, 1] everywhere.
+
+MIT License. Copyright (c) 2026 the magan authors.
+Permission is hereby granted, free of charge, to any person obtaining a copy of this software and
+associated documentation files (the "Software"), to deal in the Software without restriction,
+including without limitation the rights to use, copy, modify, merge, publish, distribute,
+sublicense, and/or sell copies of the Software, and to permit persons to whom the Software is
+furnished to do so, subject to the following conditions:
+The above copyright notice and this permission notice shall be included in all copies or
+substantial portions of the Software.
+THE SOFTWARE IS PROVIDED "AS IS", WITHOUT WARRANTY OF ANY KIND, EXPRESS OR IMPLIED, INCLUDING BUT
+NOT LIMITED TO THE WARRANTIES OF MERCHANTABILITY, FITNESS FOR A PARTICULAR PURPOSE AND
+NONINFRINGEMENT. IN NO EVENT SHALL THE AUTHORS OR COPYRIGHT HOLDERS BE LIABLE FOR ANY CLAIM, DAMAGES
+OR OTHER LIABILITY, WHETHER IN AN ACTION OF CONTRACT, TORT OR OTHERWISE, ARISING FROM, OUT OF OR IN
+CONNECTION WITH THE SOFTWARE OR THE USE OR OTHER DEALINGS IN THE SOFTWARE.
 """
 
 from __future__ import annotations
@@ -53,7 +67,6 @@ import csv
 import dataclasses
 import hashlib
 import html
-import io
 import json
 import math
 import os
@@ -772,6 +785,8 @@ ARCHITECTURE = ("size", "ch", "n_res", "light", "attention", "p_gen", "p_dis", "
 def check_run(cfg: Config, checkpoint: dict | None) -> tuple[Config, dict | None]:
     """What can be wrong with the run folder and the config, found before anything slow. Paths
     are stored resolved, so that --resume works from any folder."""
+    # The run folder first: a typo in --out should not cost the minutes of a data scan, VGG and
+    # compiling before it is found.
     if not cfg.a or not cfg.b:
         raise MaganError("no training images: pass --data ROOT, or --a and --b (two folders)")
     cfg = dataclasses.replace(cfg, **{k: str(Path(getattr(cfg, k)).resolve())
@@ -795,6 +810,8 @@ def check_run(cfg: Config, checkpoint: dict | None) -> tuple[Config, dict | None
                              f"trained with {saved[name]!r}; drop the flag")
     if done >= cfg.iters:  # e.g. a finished run: nothing left to train
         raise MaganError(f"the run is at iteration {done} already: pass a larger --iters")
+    # A --minutes run carries its budget across a resume until its length is fixed (8.4); from
+    # then on its length is a plain --iters, and a new --minutes would be silently meaningless.
     if cfg.minutes != saved["minutes"] and used is None:
         raise MaganError(f"--minutes fixes a new run's length; this run trains to iteration "
                          f"{cfg.iters}: change that with --iters")
@@ -819,6 +836,8 @@ def load_checkpoint(path: str | Path, kinds=(CHECKPOINT_FORMAT,)) -> dict:
         explain = {EXPORT_FORMAT: ": an export only translates", "": ""}.get(
             found, f": {found}, from an earlier magan.py with other networks")
         raise MaganError(f"{path} is not a magan checkpoint of the kind needed here{explain}")
+    # Built for real, a crafted config (a width of 4,096, full mode) would allocate gigabytes
+    # before load_state_dict noticed that the weights do not fit; on "meta" nothing is allocated.
     with torch.device("meta"):  # a generator's shapes, without its memory
         G = make_generator(checked_config(ckpt.get("config"), path))                # section 11
     shapes = {k: v.shape for k, v in G.state_dict().items()}
@@ -1006,6 +1025,7 @@ def pick_device(name: str, local_rank: int = 0, world: int = 1) -> torch.device:
         name = "cuda" if cuda else "mps" if mps else "cpu"
     if not {"cuda": cuda, "mps": mps}.get(name.split(":")[0], True):
         raise MaganError(f"--device {name}: this PyTorch sees no such GPU (use cpu or auto)")
+    # A GPU that cannot be used is refused now, not minutes later at the first tensor sent there.
     if name.startswith("cuda:") and world > 1:
         raise MaganError(f"--device {name}: under torchrun each process takes its own GPU (its "
                          f"LOCAL_RANK); pass --device cuda")
@@ -1105,6 +1125,8 @@ class RunLength:
             self.first = self.first or (iteration, now)
             done = iteration - self.first[0]
             if done == self.WARMUP and 2 * iteration <= self.cfg.iters:
+                # 90%, not all: a VM's speed wanders by 10% from minute to minute, and the
+                # samples and checkpoints take time the warm-up did not see.
                 fits = iteration + int(0.9 * (self.deadline - now) / ((now - self.first[1]) / done))
                 fits = min(self.cfg.iters, max(2 * iteration, fits))
                 self.cfg.iters, self.fixed = int(self.processes.reduce(fits, "min")), True
@@ -1116,6 +1138,15 @@ class RunLength:
     def seconds_left(self) -> float | None:
         """What the budget leaves, or None without one."""
         return None if self.deadline is None else max(0.0, self.deadline - time.monotonic())
+
+    def eta(self, iteration: int, speed: float) -> str:
+        """The time left at `speed` (iterations a second), or what the budget leaves if less."""
+        # Before a budget fixes the length, cfg.iters is only a ceiling (the laptop recipe's
+        # 20,000): its ETA would say hours for a 40-minute run.
+        left = self.seconds_left()
+        seconds = (self.cfg.iters - iteration) / speed if speed else math.inf
+        seconds = min(seconds, math.inf if left is None else left)
+        return format_seconds(seconds) if math.isfinite(seconds) else "--"
 
     def seconds_used(self) -> float | None:
         """For the checkpoint: the time used so far while the length is open; else None."""
@@ -1138,9 +1169,11 @@ def write_atomically(path: Path, write, then: str = ""):
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as f:
             write(f)
+            # Flushed to the disk before the rename: after a power cut, the file system may
+            # otherwise hold the new name with an empty file behind it.
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        os.replace(tmp, path)  # one step: the name points at the old file or at the new one
     except BaseException as e:
         if tmp.exists():
             tmp.unlink()
@@ -1183,6 +1216,7 @@ class RunFolder:
                  "nets": {name: net.state_dict() for name, net in nets.named_children()}}
         self.write("checkpoints/latest.pt", lambda f: torch.save(state, f))
         self.saved = iteration
+        # config.json follows: a time budget may have fixed --iters since the start (8.4).
         self.write("config.json", self.config_json())
 
 # --- 8.6 What the user sees: the progress line, log.csv, the sample grids, the run page -----------
@@ -1204,6 +1238,8 @@ class Progress:
                  data: UnpairedImages, autocast):
         self.cfg, self.start, self.length, self.folder = cfg, start, length, folder
         self.rows = read_log(folder.path / "log.csv", start)
+        # Durations from the monotonic clock: the wall clock can jump (a time server's correction,
+        # a laptop woken from sleep) and would make a speed negative or an ETA absurd.
         self.began = self.last_time = time.monotonic()
         self.last_iteration, self.speed, self.reported = start, 0.0, set()
         left, device = length.seconds_left(), length.processes.device
@@ -1221,6 +1257,8 @@ class Progress:
         for name in set(skipped) - self.reported:  # each process names its unreadable files once
             print(f"skipping unreadable image {name}", flush=True)
             self.reported.add(name)
+        # A row at every checkpoint too (train() asks for it): log.csv then always reaches the
+        # iteration a resume starts from, and a stop leaves its last row.
         first = iteration == self.start + 1
         if not (log or first or time.monotonic() - self.last_time >= 30):
             return
@@ -1231,21 +1269,16 @@ class Progress:
         if log:
             self.rows.append(dict(iteration=iteration, elapsed_s=round(now - self.began, 2),
                                   it_per_s=round(self.speed, 4), lr=lr, **values))
+            # The whole file, rewritten atomically (8.5), rather than a row appended: an append
+            # cut short by a crash or a full disk would leave a broken last row.
             lines = [",".join(str(row[c]) for c in COLUMNS) for row in self.rows]
             self.folder.write("log.csv", "\n".join([",".join(COLUMNS), *lines, ""]).encode())
         terms = "  ".join(f"{k} {values[k]:.4g}" for k in LOSS_TERMS if getattr(self.cfg, "w_" + k))
         # the first iteration carries the start-up (compiling, for one): its time, no speed
         timing = (f"first iteration {seconds:.1f} s, start-up included" if first else
-                  f"{self.speed:.2f} it/s  ETA {self.eta()}")
+                  f"{self.speed:.2f} it/s  ETA {self.length.eta(iteration, self.speed)}")
         self.say(f"[{iteration:>{len(str(self.cfg.iters))}}/{self.cfg.iters}] {timing}  lr {lr:.2e}"
                  f"  D {values['D']:.4g}  G {values['G']:.4g} = {terms}")
-
-    def eta(self) -> str:
-        """The time left at the latest speed, or what the time budget leaves if that is less."""
-        left = self.length.seconds_left()
-        seconds = (self.cfg.iters - self.last_iteration) / self.speed if self.speed else math.inf
-        seconds = min(seconds, math.inf if left is None else left)
-        return format_seconds(seconds) if math.isfinite(seconds) else "--"
 
     def finished(self, iteration: int, reason: str | None):
         """The last line: done, or stopped (by a signal, or the time budget) and how to go on."""
@@ -1285,7 +1318,7 @@ class SamplePage:
 
     def __init__(self, cfg: Config, progress: Progress, folder: RunFolder, device: torch.device):
         self.cfg, self.progress, self.folder = cfg, progress, folder
-        if folder.main:
+        if folder.main:  # 4 test images a domain: enough to judge, and cheap to translate
             self.samples = [sample_images(d, cfg.size).to(device) for d in (cfg.a, cfg.b)]
             folder.write("index.html", run_page(cfg, progress, None).encode())
 
@@ -1436,6 +1469,8 @@ def translate(ckpt: str | Path, input_path: str | Path, out: str | Path, directi
 def export_generators(ckpt_path: str | Path, out: str | Path) -> Path:
     """The two generators and the config of a training checkpoint, for sharing and translating:
     no discriminators and no optimizer moments, a fraction of the checkpoint's size."""
+    # Written over its own training checkpoint, an export would take the discriminators and Adam's
+    # moments with it, and the run could not continue.
     if Path(out).resolve() == Path(ckpt_path).resolve():
         raise MaganError(f"--out {out} is the checkpoint itself: an export keeps only the "
                          f"generators, so the run could not continue; pass another --out")
@@ -1443,8 +1478,7 @@ def export_generators(ckpt_path: str | Path, out: str | Path) -> Path:
     state = {"format": EXPORT_FORMAT, "iteration": ckpt["iteration"], "config": ckpt["config"],
              "nets": {name: ckpt["nets"][name] for name in ("G_ab", "G_ba")}}
     write_atomically(Path(out), lambda f: torch.save(state, f))
-    print(f"wrote {out} ({Path(out).stat().st_size / 2**20:.1f} MiB; the checkpoint: "
-          f"{Path(ckpt_path).stat().st_size / 2**20:.1f} MiB)", flush=True)
+    print(f"wrote {out}: {Path(out).stat().st_size / 2**20:.1f} MiB", flush=True)
     return Path(out)
 
 # =================================================================================================
@@ -1628,9 +1662,10 @@ def flag_options(f: dataclasses.Field) -> dict:
 def checked_config(values, source) -> Config:
     """A checkpoint's config, each value checked as its flag would be: every field there, of its
     type, within its rule. No network is built from values that no flag allows."""
-    missing = [name for name in CONFIG_FIELDS if name not in (values or ())]
-    if not isinstance(values, dict) or missing:
-        raise MaganError(f"{source}: its config lacks {', '.join(missing) or 'everything'}")
+    values = values if isinstance(values, dict) else {}
+    missing = [name for name in CONFIG_FIELDS if name not in values]
+    if missing:
+        raise MaganError(f"{source}: its config lacks {', '.join(missing)}")
     for f in dataclasses.fields(Config):
         value, options = values[f.name], flag_options(f)
         try:
@@ -1739,7 +1774,9 @@ def main(argv: list[str] | None = None) -> int:
             if args.preset:  # a resumed run keeps its recipe
                 raise MaganError("--preset applies to a new run: at --resume, pass single flags "
                                  "(--iters, --lr), or start a new --out")
-            out = Path(given.get("out", Config.out))  # the folder read is the folder written
+            # The folder read is the folder written: the checkpoint's own `out` may be the path
+            # of another machine, or of the folder this copy of a project was copied from.
+            out = Path(given.get("out", Config.out))
             ckpt = load_checkpoint(out / "checkpoints" / "latest.pt")
             train(make_config({**given, "out": str(out)}, saved=ckpt["config"]), ckpt)
         elif args.command == "translate":
@@ -1789,6 +1826,8 @@ class Processes:
 
     def sync(self, networks):
         """train_step's `sync`: one all-reduce per network over its flattened gradients, / N."""
+        # One message of all of a network's gradients, not one per tensor: each all-reduce has a
+        # fixed cost, and a network has dozens of small tensors (biases, ρ, SAM's classifier).
         for net in networks if self.world > 1 else []:
             grads = [p.grad for p in net.parameters() if p.grad is not None]
             flat = torch.cat([g.flatten() for g in grads])                 # (n_parameters,)
@@ -1814,7 +1853,7 @@ def start_processes(device_name: str) -> Processes:
     group joined when there are several."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     device = pick_device(device_name, int(os.environ.get("LOCAL_RANK", 0)), world)
-    if world > 1 and not dist.is_initialized():
+    if world > 1 and not dist.is_initialized():  # NCCL between GPUs; gloo between CPU processes
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return Processes(rank, world, device, main=rank == 0)
 
@@ -1861,8 +1900,10 @@ def run_page(cfg: Config, progress, latest: int | None) -> str:
     term logged (if any yet)."""
     terms = ["D", "G"] + [t for t in LOSS_TERMS if getattr(cfg, f"w_{t}") > 0]
     rows, done = progress.rows, progress.last_iteration
+    eta = progress.length.eta(done, progress.speed)
     charts = "".join(svg_chart(t, [(r["iteration"], r[t]) for r in rows]) for t in terms if rows)
     width = 4 * max(cfg.size, 192)  # tiles of 192 px or more: a 64-px sample is too small to judge
+    # The latest grids only: samples/ keeps every one, to page through how the run got there.
     grids = f"<p>Sample grids come every {cfg.sample_every} iterations.</p>"
     if latest:
         grids = "".join(f'<figure><img src="samples/{d}_{latest:07d}.png" alt="{label} sample '
@@ -1873,9 +1914,9 @@ def run_page(cfg: Config, progress, latest: int | None) -> str:
     name = html.escape(Path(cfg.out).name)
     return (f'<!doctype html><meta charset="utf-8"><meta http-equiv="refresh" content="60"><title>'
             f'magan {name}</title><body style="font-family:sans-serif"><h1>magan run {name}</h1>'
-            f'<p>iteration {done} of {cfg.iters} · {progress.speed:.2f} it/s · ETA '
-            f'{progress.eta()} · updated {time.strftime("%Y-%m-%d %H:%M:%S")}</p>{grids}<h2>'
-            f'Losses (log.csv)</h2>{charts or f"<p>Logged every {cfg.log_every} iterations.</p>"}')
+            f'<p>iteration {done} of {cfg.iters} · {progress.speed:.2f} it/s · ETA {eta} · updated '
+            f'{time.strftime("%Y-%m-%d %H:%M:%S")}</p>{grids}<h2>Losses (log.csv)</h2>'
+            f'{charts or f"<p>Logged every {cfg.log_every} iterations.</p>"}')
 
 
 # =================================================================================================
