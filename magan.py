@@ -34,7 +34,8 @@ smaller readings of ambiguous equations are argued at their lines only):
     --gan-loss bce);
   * the style and content losses are L1 distances relative to the features' own size (section 5);
   * two discriminators per domain, a global and a local one, as U-GAT-IT (MAGAN draws one);
-  * light mode by default, U-GAT-IT's --light (section 3); the paper's full mode is --full.
+  * light mode by default, U-GAT-IT's --light (section 3); the paper's full mode is --full;
+  * --preset laptop only (short CPU runs): the detail skip and a cycle weight of 1 (section 15).
 
 Not covered here, to keep one path through the file:
   * AGGAN (Tang et al., IJCNN 2019): mask fusion G(x) = R·M + x·(1 − M), attention-guided
@@ -734,7 +735,7 @@ def train(cfg: Config, checkpoint: dict | None = None) -> Path:
         if checkpoint:
             restore(checkpoint, nets, opt_G, opt_D, cfg)
         length = RunLength(cfg, checkpoint, began, processes)                   # 8.4
-        folder = RunFolder(cfg, start, processes.main)           # 8.5: the files on disk
+        folder = RunFolder(cfg, start, processes.is_main)        # 8.5: the files on disk
         progress = Progress(cfg, start, length, folder, data, autocast)  # 8.6: terminal, log.csv
         pictures = SamplePage(cfg, progress, folder, processes.device)  # the grids and the page
         with StopOnSignal() as signals:                                         # 8.7
@@ -1186,8 +1187,8 @@ class RunFolder:
     """RUN/config.json, log.csv, samples/, index.html and checkpoints/latest.pt. Only the main
     process (rank 0 under torchrun) writes; the others' writes do nothing."""
 
-    def __init__(self, cfg: Config, start: int, main: bool = True):
-        self.cfg, self.main, self.saved = cfg, main, start or None
+    def __init__(self, cfg: Config, start: int, is_main: bool = True):
+        self.cfg, self.is_main, self.saved = cfg, is_main, start or None
         self.path, self.latest = Path(cfg.out), Path(cfg.out) / "checkpoints" / "latest.pt"
         self.write("config.json", self.config_json())
 
@@ -1200,7 +1201,7 @@ class RunFolder:
 
     def write(self, name: str, data):
         """RUN/name, atomically (8.5); a failure ends the run, saying what is intact."""
-        if self.main:
+        if self.is_main:
             write = data if callable(data) else lambda f: f.write(data)  # a function, or bytes
             write_atomically(self.path / name, write, self.intact())
 
@@ -1250,7 +1251,7 @@ class Progress:
                  f"watch {folder.path / 'index.html'}")
 
     def say(self, text: str):
-        if self.folder.main:  # the main process speaks for all
+        if self.folder.is_main:  # the main process speaks for all
             print(text, flush=True)
 
     def report(self, iteration: int, lr: float, losses: dict, skipped: list[str], log: bool):
@@ -1318,12 +1319,12 @@ class SamplePage:
 
     def __init__(self, cfg: Config, progress: Progress, folder: RunFolder, device: torch.device):
         self.cfg, self.progress, self.folder = cfg, progress, folder
-        if folder.main:  # 4 test images a domain: enough to judge, and cheap to translate
+        if folder.is_main:  # 4 test images a domain: enough to judge, and cheap to translate
             self.samples = [sample_images(d, cfg.size).to(device) for d in (cfg.a, cfg.b)]
             folder.write("index.html", run_page(cfg, progress, None).encode())
 
     def draw(self, iteration: int, nets: MAGAN):
-        if not self.folder.main:
+        if not self.folder.is_main:
             return
         for x, name, G, G_back in zip(self.samples, ("a2b", "b2a"), nets.generators,
                                       nets.generators[::-1]):
@@ -1822,7 +1823,7 @@ class Processes:
     rank: int
     world: int
     device: torch.device
-    main: bool  # rank 0: it writes the run folder and speaks for all
+    is_main: bool  # rank 0: it writes the run folder and speaks for all
 
     def sync(self, networks):
         """train_step's `sync`: one all-reduce per network over its flattened gradients, / N."""
@@ -1855,7 +1856,7 @@ def start_processes(device_name: str) -> Processes:
     device = pick_device(device_name, int(os.environ.get("LOCAL_RANK", 0)), world)
     if world > 1 and not dist.is_initialized():  # NCCL between GPUs; gloo between CPU processes
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return Processes(rank, world, device, main=rank == 0)
+    return Processes(rank, world, device, is_main=rank == 0)
 
 # =================================================================================================
 # 13. The run page: RUN/index.html

@@ -774,7 +774,7 @@ class Machine:
         monkeypatch.setattr(magan, "build", slow_build)
         monkeypatch.setattr(magan, "train_step", slow_step)
 
-ALONE = magan.Processes(rank=0, world=1, device=torch.device("cpu"), main=True)
+ALONE = magan.Processes(rank=0, world=1, device=torch.device("cpu"), is_main=True)
 
 def test_a_budget_fixes_the_length_once_after_the_warm_up_by_hand(monkeypatch):
     """A 10-minute budget; the first iteration ends 100 s after the start; then 0.5 s each. Once,
@@ -1174,7 +1174,7 @@ def test_workers_default_to_one_fewer_than_the_cores_at_most_4(tmp_path, monkeyp
                                             (2, 1, 3, 3)):
         monkeypatch.setattr(magan.os, "sched_getaffinity", lambda pid, n=cores: set(range(n)),
                             raising=False)
-        processes = magan.Processes(rank=0, world=world, device=torch.device("cpu"), main=True)
+        processes = magan.Processes(rank=0, world=world, device=torch.device("cpu"), is_main=True)
         batches = magan.training_batches(data, tiny_config(tmp_path, workers=workers), 0, processes)
         assert list(batches) == [] and seen[-1] == expected, (cores, world, workers)
 
