@@ -837,6 +837,12 @@ def load_checkpoint(path: str | Path, kinds=(CHECKPOINT_FORMAT,)) -> dict:
         explain = {EXPORT_FORMAT: ": an export only translates", "": ""}.get(
             found, f": {found}, from an earlier magan.py with other networks")
         raise MaganError(f"{path} is not a magan checkpoint of the kind needed here{explain}")
+    # The iteration fixes the learning rate and the next images, the time used a budget's end:
+    # a value of another type would fail later, deep inside the loop, with a traceback.
+    done, used = ckpt.get("iteration"), ckpt.get("seconds_used")
+    if type(done) is not int or done < 0 or not (used is None or type(used) in (int, float)):
+        raise MaganError(f"{path}: its iteration {done!r} or time used {used!r} is not one a run "
+                         f"could have saved")
     # Built for real, a crafted config (a width of 4,096, full mode) would allocate gigabytes
     # before load_state_dict noticed that the weights do not fit; on "meta" nothing is allocated.
     with torch.device("meta"):  # a generator's shapes, without its memory

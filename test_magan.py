@@ -1956,6 +1956,14 @@ def test_a_checkpoints_config_is_checked_like_the_command_line(trained_run, tmp_
         with pytest.raises(MaganError, match=re.escape(message)):
             magan.load_generator(tmp_path / "bad.pt", "a2b", torch.device("cpu"))
 
+@pytest.mark.parametrize("change", [dict(iteration="7"), dict(iteration=-1),
+                                    dict(seconds_used="1")])
+def test_a_checkpoints_iteration_and_time_used_are_checked(trained_run, tmp_path, change):
+    ckpt = magan.load_checkpoint(trained_run / "checkpoints" / "latest.pt")
+    torch.save({**ckpt, **change}, tmp_path / "bad.pt")
+    with pytest.raises(MaganError, match="is not one a run could have saved"):
+        magan.load_checkpoint(tmp_path / "bad.pt")
+
 def test_a_crafted_export_is_refused_before_its_networks_take_any_memory(trained_run, tmp_path):
     """An export whose config asks for full-mode networks of width 512 (1.7 GB for the one
     generator translate builds) around the tiny run's weights: refused, with the process's peak
