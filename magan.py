@@ -691,7 +691,7 @@ class Config:
                             choices=("ma", "cam", "sam", "none"))
     p_gen: float = option(2.0, "SAM's exponent p in the generators (MAGAN: 2)")
     p_dis: float = option(1.0, "SAM's exponent p in the discriminators (MAGAN: 1)")
-    detail_skip: bool = option(False, "the laptop recipe's detail skip (section 15; not the paper)")
+    detail_skip: bool = option(False, "section 15's detail skip; off for pairs that change shape")
     gan_loss: str = option("lsgan", "U-GAT-IT's, or MAGAN's eq. 4", choices=("lsgan", "bce"))
     # the loss weights, 0 to switch a term off: U-GAT-IT's, and 1 for MAGAN's own two (untuned)
     w_adv: float = option(1.0, "adversarial loss (MAGAN eq. 4)")
@@ -1974,7 +1974,9 @@ def bench(cfg: Config, iters: int = 20, warmup: int = 5) -> dict:
 #     G(x) = clamp(tanh(network(x)) + x − blur(x), −1, 1)
 # The network draws the coarse image (colours, light, stripes); the photo keeps its own edges.
 # The clamp keeps every image in [-1, 1]: values beyond would tell D which images are fakes.
-# Why each value of the recipe: data/experiments.md, "laptop".
+# The photo's edges draw its shapes too, so the skip holds them: right for a change of texture
+# (horse → zebra), wrong for a change of shape (selfie → anime), where --no-detail-skip lets the
+# network draw the new outline. Why each value of the recipe, and the selfies: data/experiments.md.
 
 def fine_detail(x: torch.Tensor, factor: int = 4) -> torch.Tensor:
     """x − blur(x): what averaging over factor x factor cells, resized back, removes.
