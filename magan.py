@@ -1696,8 +1696,8 @@ def add_config_flags(parser: argparse.ArgumentParser, names=CONFIG_FIELDS):
                             help=f.metadata["help"] + default, **flag_options(f))
     parser.add_argument("--full", dest="light", action="store_false", default=argparse.SUPPRESS,
                         help="full mode, the paper's setting (the same as --no-light)")
-    parser.add_argument("--preset", choices=PRESETS, help="a named set of flag values (below "
-                        "section 11's rules); the flags you type win over it")
+    parser.add_argument("--preset", choices=PRESETS, help="a named set of flag values (PRESETS, "
+                        "section 11); the flags you type win over it")
 
 def build_parser() -> argparse.ArgumentParser:
     """train, translate, kid, export, bench: `python magan.py COMMAND --help` lists each's flags."""
@@ -1835,7 +1835,9 @@ class Processes:
         """train_step's `sync`: one all-reduce per network over its flattened gradients, / N."""
         # One message of all of a network's gradients, not one per tensor: each all-reduce has a
         # fixed cost, and a network has dozens of small tensors (biases, ρ, SAM's classifier).
-        for net in networks if self.world > 1 else []:
+        if self.world == 1:
+            return
+        for net in networks:
             grads = [p.grad for p in net.parameters() if p.grad is not None]
             flat = torch.cat([g.flatten() for g in grads])                 # (n_parameters,)
             dist.all_reduce(flat)
