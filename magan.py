@@ -25,15 +25,12 @@ use the same attention. Read top to bottom, the file is a tutorial of the paper:
     python magan.py train --data horse2zebra      # the paper's setting, CycleGAN folder layout
     python magan.py translate --ckpt runs/NAME/checkpoints/latest.pt --input photos --out out
 
-Where we depart from the papers in ways that change the results (each is argued where it is made;
-smaller readings of ambiguous equations are argued at their lines only):
-  * the objective is MAGAN's eq. 8 plus U-GAT-IT's pixel cycle and identity terms (weight 10 each),
-    with U-GAT-IT's weight 1000 on the generators' attention loss (section 6); --preset eq8 is
-    eq. 8 as printed;
-  * the adversarial loss is least squares, as in U-GAT-IT's code (MAGAN prints the log loss:
-    --gan-loss bce);
+Where we depart from the papers in ways that change the results (each argued where it is made):
+  * the objective: MAGAN's eq. 8 plus U-GAT-IT's cycle and identity terms (weight 10 each) and its
+    weight 1000 on G's attention loss (section 6); --preset eq8 is eq. 8 as printed;
+  * least-squares adversarial loss, as U-GAT-IT's code (MAGAN prints the log loss: --gan-loss bce);
   * the style and content losses are L1 distances relative to the features' own size (section 5);
-  * two discriminators per domain, a global and a local one, as U-GAT-IT (MAGAN draws one);
+  * a global and a local discriminator per domain, as U-GAT-IT (MAGAN draws one);
   * light mode by default, U-GAT-IT's --light (section 3); the paper's full mode is --full;
   * --preset laptop only (short CPU runs): the detail skip and a cycle weight of 1 (section 15).
 
@@ -703,7 +700,7 @@ class Config:
     vgg_weights: str = option("imagenet", "VGG19: imagenet, PATH, or random (NOT the paper)")
     # optimisation (MAGAN §3.3; U-GAT-IT appendix B.2)
     iters: int = option(1_000_000, "iterations; the rate decays over the second half")
-    minutes: float = option(0.0, "a time budget, start-up included: it fixes --iters (8.4)")
+    minutes: float = option(0.0, "the run's time in all, start-up included: it sets --iters (8.4)")
     batch: int = option(1, "images per domain, iteration and process")
     lr: float = option(1e-4, "Adam's learning rate, for G and D alike")
     weight_decay: float = option(1e-4, "Adam's weight decay")
@@ -784,10 +781,9 @@ EXPORT_FORMAT = "magan-generators-v3"  # the two generators and the config: `mag
 ARCHITECTURE = ("size", "ch", "n_res", "light", "attention", "p_gen", "p_dis", "detail_skip")
 
 def check_run(cfg: Config, checkpoint: dict | None) -> tuple[Config, dict | None]:
-    """What can be wrong with the run folder and the config, found before anything slow. Paths
-    are stored resolved, so that --resume works from any folder."""
-    # The run folder first: a typo in --out should not cost the minutes of a data scan, VGG and
-    # compiling before it is found.
+    """What can be wrong with the run folder and the config, found before anything slow: a typo in
+    --out should not cost a data scan, VGG and compiling first. Paths are stored resolved, so
+    that --resume works from any folder."""
     if not cfg.a or not cfg.b:
         raise MaganError("no training images: pass --data ROOT, or --a and --b (two folders)")
     cfg = dataclasses.replace(cfg, **{k: str(Path(getattr(cfg, k)).resolve())
@@ -804,22 +800,16 @@ def check_run(cfg: Config, checkpoint: dict | None) -> tuple[Config, dict | None
         return cfg, None
     checkpoint = checkpoint or load_checkpoint(latest)
     saved, done = checkpoint["config"], checkpoint["iteration"]
-    used = checkpoint.get("seconds_used")  # None: the length is fixed (8.4)
     for name in ARCHITECTURE:  # the weights fit only the networks they were trained in
         if saved[name] != getattr(cfg, name):
             raise MaganError(f"--{name.replace('_', '-')} {getattr(cfg, name)!r}: the run was "
                              f"trained with {saved[name]!r}; drop the flag")
     if done >= cfg.iters:  # e.g. a finished run: nothing left to train
         raise MaganError(f"the run is at iteration {done} already: pass a larger --iters")
-    # A --minutes run carries its budget across a resume until its length is fixed (8.4); from
-    # then on its length is a plain --iters, and a new --minutes would be silently meaningless.
-    if cfg.minutes != saved["minutes"] and used is None:
-        raise MaganError(f"--minutes fixes a new run's length; this run trains to iteration "
-                         f"{cfg.iters}: change that with --iters")
-    if cfg.minutes and used is not None and used >= 60 * cfg.minutes:
-        raise MaganError(f"the run used its {cfg.minutes:g} minutes before its length was fixed "
-                         f"(iteration {done}): give it more time in all, e.g. --resume --minutes "
-                         f"{cfg.minutes + 10:g}, or a length: --minutes 0 --iters N")
+    if cfg.minutes and (checkpoint.get("seconds_used") or 0) >= 60 * cfg.minutes:  # 8.4
+        raise MaganError(f"the run used its {cfg.minutes:g} minutes (iteration {done} of "
+                         f"{cfg.iters}): give it more in all, e.g. --resume --minutes "
+                         f"{cfg.minutes + 10:g}, or none: --minutes 0")
     return cfg, checkpoint
 
 def load_checkpoint(path: str | Path, kinds=(CHECKPOINT_FORMAT,)) -> dict:
@@ -1110,55 +1100,42 @@ def learning_rate(step: int, cfg: Config) -> float:
     return cfg.lr if step < half else cfg.lr * (cfg.iters - step) / (cfg.iters - half)
 
 class RunLength:
-    """Where the run ends: at --iters; on a stop signal (to any process); or, with --minutes M,
-    within M minutes, start-up included. A budget fixes cfg.iters once, WARMUP iterations after a
-    session's first (which carries the start-up): as many as fit in 90% of the time left at the
-    speed measured, at most --iters and at least twice those done, so that the decay has not
-    begun and the rate never jumps. Until then each checkpoint holds the time used, and a resumed
-    run goes on with what is left; once fixed, the length is a plain --iters. If the machine slows
-    down, the deadline still ends the session (saved, and resumable to its fixed length)."""
+    """Where the run ends: at --iters; on a stop signal (to any process); or once --minutes M have
+    passed in all, start-up and earlier sessions included (the checkpoint keeps the time used).
+    In each session, WARMUP iterations after its first (which carries the start-up), a budget
+    sets cfg.iters to what fits in 90% of the time left at the speed measured, at most --iters
+    and at least twice those done: the decay has not begun, so the rate never jumps. (90%, not
+    all: a VM's speed wanders by 10%, and samples and checkpoints take time unseen so far.)"""
     WARMUP = 300
 
     def __init__(self, cfg: Config, checkpoint: dict | None, began: float, processes):
-        used = checkpoint.get("seconds_used") if checkpoint else 0.0  # None: the length is fixed
-        budget = cfg.minutes and used is not None
-        self.deadline = began + 60 * cfg.minutes - used if budget else None
-        self.cfg, self.processes, self.first, self.fixed = cfg, processes, None, False
-        self.reason = None  # why the run stopped short of cfg.iters
+        self.cfg, self.processes, self.first, self.reason = cfg, processes, None, None
+        self.began = began - ((checkpoint or {}).get("seconds_used") or 0.0)  # the run's start
+        self.deadline = self.began + 60 * cfg.minutes if cfg.minutes else math.inf
 
     def is_last(self, iteration: int, signal: str | None) -> bool:
         now = time.monotonic()
-        if self.deadline is not None and not self.fixed:
-            self.first = self.first or (iteration, now)
-            done = iteration - self.first[0]
-            if done == self.WARMUP and 2 * iteration <= self.cfg.iters:
-                # 90%, not all: a VM's speed wanders by 10% from minute to minute, and the
-                # samples and checkpoints take time the warm-up did not see.
-                fits = iteration + int(0.9 * (self.deadline - now) / ((now - self.first[1]) / done))
-                fits = min(self.cfg.iters, max(2 * iteration, fits))
-                self.cfg.iters, self.fixed = int(self.processes.reduce(fits, "min")), True
-        late = self.deadline is not None and now > self.deadline
+        self.first = self.first or (iteration, now)
+        done = iteration - self.first[0]
+        if self.deadline < math.inf and done == self.WARMUP and 2 * iteration <= self.cfg.iters:
+            fits = iteration + int(0.9 * (self.deadline - now) / ((now - self.first[1]) / done))
+            fits = min(self.cfg.iters, max(2 * iteration, fits))
+            self.cfg.iters = int(self.processes.reduce(fits, "min"))
+        late = now > self.deadline
         if self.processes.reduce(signal is not None or late, "max"):
             self.reason = signal or ("time is up" if late else "another process stopped")
         return self.reason is not None or iteration == self.cfg.iters
 
-    def seconds_left(self) -> float | None:
-        """What the budget leaves, or None without one."""
-        return None if self.deadline is None else max(0.0, self.deadline - time.monotonic())
-
     def eta(self, iteration: int, speed: float) -> str:
-        """The time left at `speed` (iterations a second), or what the budget leaves if less."""
-        # Before a budget fixes the length, cfg.iters is only a ceiling (the laptop recipe's
-        # 20,000): its ETA would say hours for a 40-minute run.
-        left = self.seconds_left()
-        seconds = (self.cfg.iters - iteration) / speed if speed else math.inf
-        seconds = min(seconds, math.inf if left is None else left)
-        return format_seconds(seconds) if math.isfinite(seconds) else "--"
+        """The time left at `speed` (iterations a second), or what the budget leaves if less:
+        until a budget sets the length, cfg.iters is only a ceiling (the laptop recipe's 20,000)."""
+        seconds = min((self.cfg.iters - iteration) / speed if speed else math.inf,
+                      self.deadline - time.monotonic())
+        return format_seconds(max(0.0, seconds)) if math.isfinite(seconds) else "--"
 
-    def seconds_used(self) -> float | None:
-        """For the checkpoint: the time used so far while the length is open; else None."""
-        open_ = self.deadline is not None and not self.fixed
-        return 60 * self.cfg.minutes - (self.deadline - time.monotonic()) if open_ else None
+    def seconds_used(self) -> float:
+        """For the checkpoint: the run's time so far, start-up and earlier sessions included."""
+        return time.monotonic() - self.began
 
 # --- 8.5 The run folder on disk -------------------------------------------------------------------
 # Every file of a run is written whole or not at all: to a temporary file, flushed to the disk,
@@ -1215,7 +1192,7 @@ class RunFolder:
         """config.json: the values that run (a time budget fixes --iters), paths absolute."""
         return (json.dumps(dataclasses.asdict(self.cfg), indent=2) + "\n").encode()
 
-    def save(self, iteration: int, nets: MAGAN, opt_G, opt_D, seconds_used: float | None):
+    def save(self, iteration: int, nets: MAGAN, opt_G, opt_D, seconds_used: float):
         """checkpoints/latest.pt: everything the run needs to continue exactly (8.1)."""
         state = {"format": CHECKPOINT_FORMAT, "iteration": iteration, "seconds_used": seconds_used,
                  "config": dataclasses.asdict(self.cfg), "opt_G": opt_G.state_dict(),
@@ -1249,8 +1226,8 @@ class Progress:
         # a laptop woken from sleep) and would make a speed negative or an ETA absurd.
         self.began = self.last_time = time.monotonic()
         self.last_iteration, self.speed, self.reported = start, 0.0, set()
-        left, device = length.seconds_left(), length.processes.device
-        within = "" if left is None else f" within {format_seconds(left)}"
+        left, device = length.deadline - time.monotonic(), length.processes.device
+        within = f" within {format_seconds(left)}" if math.isfinite(left) else ""
         precision = "bf16" if isinstance(autocast, torch.autocast) else "fp32"
         self.say(f"{'resumed: ' if start else ''}training to iteration {cfg.iters}{within} on "
                  f"{device} ({precision}), {len(data.files[0])} + {len(data.files[1])} images; "
@@ -1350,17 +1327,14 @@ def sample_images(train_folder: str, size: int) -> torch.Tensor:
     return torch.stack([to_tensor(im.resize((size, size), Image.Resampling.BILINEAR))
                         for im in images])
 
-def colorize(heatmap: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """(B, 1, h, w) attention heatmap -> (B, 3, H, W) 'jet' colours in [-1, 1] at size (H, W),
-    each map scaled to its own range (blue: least attended, red: most)."""
+def attention_overlay(x: torch.Tensor, heatmap: torch.Tensor) -> torch.Tensor:
+    """Images x: (B, 3, H, W) with their heatmaps (B, 1, h, w) laid over them, half and half, in
+    'jet' colours, each map scaled to its own range (blue: least attended, red: most)."""
     lo, hi = heatmap.amin(dim=(2, 3), keepdim=True), heatmap.amax(dim=(2, 3), keepdim=True)
     t = (heatmap.float() - lo) / (hi - lo).clamp_min(1e-8)
-    t = F.interpolate(t, size=size, mode="bilinear", align_corners=False)       # (B, 1, H, W)
-    return torch.cat([1.5 - (4 * t - c).abs() for c in (3, 2, 1)], dim=1).clamp(0, 1) * 2 - 1
-
-def attention_overlay(x: torch.Tensor, heatmap: torch.Tensor) -> torch.Tensor:
-    """Images x: (B, 3, H, W) with their heatmaps (B, 1, h, w) laid over them, half and half."""
-    return 0.5 * x + 0.5 * colorize(heatmap, x.shape[-2:])
+    t = F.interpolate(t, size=x.shape[-2:], mode="bilinear", align_corners=False)  # (B, 1, H, W)
+    jet = torch.cat([1.5 - (4 * t - c).abs() for c in (3, 2, 1)], dim=1).clamp(0, 1) * 2 - 1
+    return 0.5 * x + 0.5 * jet
 
 @torch.no_grad()
 def sample_grid(G_forward: Generator, G_backward: Generator, x: torch.Tensor) -> torch.Tensor:
@@ -1544,35 +1518,26 @@ def kid_from_features(real: torch.Tensor, fake: torch.Tensor, block_size: int = 
 FID_INCEPTION_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
                      "pt_inception-2015-12-05-6726825d.pth")
 
-class FIDInceptionA(InceptionA):
-    """Mixed_5b-5d: torchvision's InceptionA, with a pooling branch that ignores the padding."""
-    def _forward(self, x):
-        return [self.branch1x1(x), self.branch5x5_2(self.branch5x5_1(x)),
-                self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
-                self.branch_pool(F.avg_pool2d(x, 3, 1, 1, count_include_pad=False))]
-
-class FIDInceptionC(InceptionC):
-    """Mixed_6b-6e: torchvision's InceptionC, with a pooling branch that ignores the padding."""
-    def _forward(self, x):
-        b7, b7dbl = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x))), x
-        for i in range(1, 6):
-            b7dbl = getattr(self, f"branch7x7dbl_{i}")(b7dbl)
-        pooled = F.avg_pool2d(x, 3, 1, 1, count_include_pad=False)
-        return [self.branch1x1(x), b7, b7dbl, self.branch_pool(pooled)]
-
-class FIDInceptionE(InceptionE):
-    """Mixed_7b (average pool without the padding) and Mixed_7c (3x3 max-pool)."""
-    def __init__(self, in_channels: int, max_pool: bool):
-        super().__init__(in_channels)
-        self.max_pool = max_pool  # Mixed_7c pools with a 3x3 max-pool, Mixed_7b without padding
+class TFPooling:
+    """Mixed into a torchvision Inception block: its last branch, the pooling one, pools as the TF
+    graph does. torchvision's branches run as they are; only the pooling branch is run again on
+    the TF graph's pool (a 1x1 conv: the cost is small, and the code is torchvision's)."""
+    max_pool = False  # True in Mixed_7c
 
     def _forward(self, x):
-        b3, b3dbl = self.branch3x3_1(x), self.branch3x3dbl_2(self.branch3x3dbl_1(x))
+        branches = super()._forward(x)   # torchvision's, the last pooled with the padding counted
         pooled = (F.max_pool2d(x, 3, 1, padding=1) if self.max_pool else
                   F.avg_pool2d(x, 3, 1, 1, count_include_pad=False))
-        return [self.branch1x1(x), torch.cat([self.branch3x3_2a(b3), self.branch3x3_2b(b3)], 1),
-                torch.cat([self.branch3x3dbl_3a(b3dbl), self.branch3x3dbl_3b(b3dbl)], 1),
-                self.branch_pool(pooled)]
+        return branches[:-1] + [self.branch_pool(pooled)]
+
+class FIDInceptionA(TFPooling, InceptionA):
+    """Mixed_5b-5d."""
+
+class FIDInceptionC(TFPooling, InceptionC):
+    """Mixed_6b-6e."""
+
+class FIDInceptionE(TFPooling, InceptionE):
+    """Mixed_7b, and Mixed_7c with max_pool."""
 
 def fid_inception_v3() -> nn.Module:
     """The FID Inception's architecture, with random weights (load pt_inception-2015-12-05)."""
@@ -1581,7 +1546,8 @@ def fid_inception_v3() -> nn.Module:
         setattr(net, name, FIDInceptionA(c, pool_features=pool))
     for name, c7 in (("Mixed_6b", 128), ("Mixed_6c", 160), ("Mixed_6d", 160), ("Mixed_6e", 192)):
         setattr(net, name, FIDInceptionC(768, channels_7x7=c7))
-    net.Mixed_7b, net.Mixed_7c = FIDInceptionE(1280, False), FIDInceptionE(2048, max_pool=True)
+    net.Mixed_7b, net.Mixed_7c = FIDInceptionE(1280), FIDInceptionE(2048)
+    net.Mixed_7c.max_pool = True
     return net
 
 def load_inception(weights: str | None = None) -> nn.Module:
@@ -1804,7 +1770,6 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     return 0
 
-
 # #################################################################################################
 #                             PART IV: EXTRAS, OUT OF THE PAPER'S WAY
 # #################################################################################################
@@ -1927,7 +1892,6 @@ def run_page(cfg: Config, progress, latest: int | None) -> str:
             f'{time.strftime("%Y-%m-%d %H:%M:%S")}</p>{grids}<h2>Losses (log.csv)</h2>'
             f'{charts or f"<p>Logged every {cfg.log_every} iterations.</p>"}')
 
-
 # =================================================================================================
 # 14. bench: how fast is one full training iteration?
 # =================================================================================================
@@ -1963,7 +1927,6 @@ def bench(cfg: Config, iters: int = 20, warmup: int = 5) -> dict:
           f"{peak:.2f} GiB; 1,000,000 iterations: {format_seconds(1000 * ms)}", flush=True)
     return dict(ms_per_iter=ms, peak_gib=peak, warmup_s=seconds[0])
 
-
 # =================================================================================================
 # 15. The laptop recipe: the detail skip (--preset laptop; not the paper)
 # =================================================================================================
@@ -1993,7 +1956,6 @@ class DetailSkipGenerator(Generator):
     def forward(self, x: torch.Tensor):                                   # x: (B, 3, S, S)
         image, logits, heatmap = super().forward(x)
         return (image.float() + fine_detail(x.float())).clamp(-1, 1), logits, heatmap
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -819,7 +819,7 @@ def test_a_budget_counts_the_start_up_and_never_jumps_the_rate(tmp_path, monkeyp
     rates = [float(row["lr"]) for row in csv.DictReader(open(run / "log.csv"))]
     schedule = Config(iters=15, lr=1e-4)
     assert rates == pytest.approx([magan.learning_rate(step, schedule) for step in range(15)])
-    assert checkpoint_of(run)["seconds_used"] is None  # fixed: a resume trains to 15
+    assert checkpoint_of(run)["seconds_used"] == pytest.approx(35 + 15 * 5)  # the run's time
     lines = capsys.readouterr().out.splitlines()
     second = next(line for line in lines if line.startswith("[   2/"))
     assert "ETA 0h01m15s" in second  # 998 more at 5 s would take 83 minutes; 75 s are left
@@ -836,11 +836,10 @@ def test_the_deadline_ends_the_run_at_any_iteration_and_the_stop_writes_everythi
     assert_the_run_stopped_whole_at(run, 6)
     assert "time is up: stopped at iteration 6 of 15" in capsys.readouterr().out
 
-def test_a_run_stopped_before_its_length_was_fixed_resumes_with_the_time_left(
-        tmp_path, monkeypatch, capsys):
-    """A 3-minute budget (start-up 35 s, 5 s an iteration) stopped by Ctrl-C at iteration 4, before
-    the length was fixed: the checkpoint holds the 55 s used. The resumed run (another 35 s of
-    start-up) has 125 s left: fixed at its iteration 7 (50 s in), 90% of 75 s fits 13 more: 20."""
+def test_a_budget_run_stopped_resumes_with_the_time_left(tmp_path, monkeypatch, capsys):
+    """A 3-minute budget (start-up 35 s, 5 s an iteration) stopped by Ctrl-C at iteration 4: the
+    checkpoint holds the 55 s used. The resumed run (another 35 s of start-up) has 125 s left:
+    fixed at its iteration 7 (50 s in), 90% of 75 s fits 13 more: 20."""
     monkeypatch.setattr(magan.RunLength, "WARMUP", 100)
     machine = Machine(monkeypatch, start_up=35, step=lambda k: 5)
     step = magan.train_step
@@ -860,10 +859,11 @@ def test_a_run_stopped_before_its_length_was_fixed_resumes_with_the_time_left(
     assert checkpoint_of(run)["iteration"] == checkpoint_of(run)["config"]["iters"] == 20
     assert "within 0h01m30s" in capsys.readouterr().out  # 125 s, less the second start-up
 
-def test_a_budget_used_up_before_the_length_was_fixed_asks_for_more_minutes(tmp_path, monkeypatch,
-                                                                           capsys):
+def test_a_budget_used_up_asks_for_more_minutes_and_a_new_total_goes_on(tmp_path, monkeypatch,
+                                                                          capsys):
     """A 1-minute budget whose start-up takes 70 s ends after one iteration. Resuming it as it is
-    says how to give it more time; with --minutes 3 it goes on with 3 minutes in all."""
+    says how to give it more time; with --minutes 3 it goes on with 3 minutes in all, and with
+    --minutes 9 --iters 50 further still."""
     monkeypatch.setattr(magan.RunLength, "WARMUP", 2)
     machine = Machine(monkeypatch, start_up=70, step=lambda k: 5)
     run = magan.train(tiny_config(tmp_path, iters=40, minutes=1, w_style=0, w_content=0))
@@ -873,9 +873,10 @@ def test_a_budget_used_up_before_the_length_was_fixed_asks_for_more_minutes(tmp_
     assert "--resume --minutes" in capsys.readouterr().err
     assert magan.main(["train", "--out", str(run), "--resume", "--minutes", "3"]) == 0
     assert 1 < checkpoint_of(run)["iteration"] == checkpoint_of(run)["config"]["iters"] < 40
+    done = checkpoint_of(run)["iteration"]  # a new --minutes is the run's new time in all
     more = ["--minutes", "9", "--iters", "50"]
-    assert magan.main(["train", "--out", str(run), "--resume", *more]) == 2
-    assert "--minutes fixes a new run's length" in capsys.readouterr().err
+    assert magan.main(["train", "--out", str(run), "--resume", *more]) == 0
+    assert done < checkpoint_of(run)["iteration"] == checkpoint_of(run)["config"]["iters"] <= 50
 
 
 # =================================================================================================
@@ -2041,9 +2042,6 @@ def test_resume_takes_the_checkpoints_config_and_only_the_flags_typed_now(traine
     assert magan.main(["train", "--out", str(run), "--resume", "--iters", "3", "--preset",
                        "ugatit"]) == 2
     assert "--preset applies to a new run" in capsys.readouterr().err
-    assert magan.main(["train", "--out", str(run), "--resume", "--iters", "3", "--minutes",
-                       "5"]) == 2
-    assert "--minutes fixes a new run's length" in capsys.readouterr().err
     assert magan.main(["train", "--out", str(run), "--resume"]) == 2
     assert "pass a larger --iters" in capsys.readouterr().err
     assert magan.main(["train", "--out", str(run), "--resume", "--iters", "3", "--weight-decay",
