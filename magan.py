@@ -1268,9 +1268,10 @@ class Progress:
         """The last line: done, or stopped (by a signal, or the time budget) and how to go on."""
         if iteration == self.cfg.iters:
             self.say(f"done at iteration {iteration}; checkpoint {self.folder.latest}")
-        else:
+        else:  # out of time, a resume needs more: the total a little larger
+            more = f" --minutes {self.cfg.minutes + 10:g}" if reason == "time is up" else ""
             self.say(f"{reason}: stopped at iteration {iteration} of {self.cfg.iters}; "
-                     f"{self.folder.intact()}")
+                     f"{self.folder.intact()}{more}")
 
 def finite(losses: dict, iteration: int, folder: RunFolder) -> dict[str, float]:
     """The losses as numbers; a NaN or an inf ends the run (it would stay in the weights)."""

@@ -834,7 +834,9 @@ def test_the_deadline_ends_the_run_at_any_iteration_and_the_stop_writes_everythi
     run = magan.train(tiny_config(tmp_path, iters=1000, minutes=2, log_every=1000,
                                   sample_every=1000, save_every=1000, w_style=0, w_content=0))
     assert_the_run_stopped_whole_at(run, 6)
-    assert "time is up: stopped at iteration 6 of 15" in capsys.readouterr().out
+    last = capsys.readouterr().out.splitlines()[-1]
+    assert last.startswith("time is up: stopped at iteration 6 of 15")
+    assert last.endswith(f"train --out {run} --resume --minutes 12")
 
 def test_a_budget_run_stopped_resumes_with_the_time_left(tmp_path, monkeypatch, capsys):
     """A 3-minute budget (start-up 35 s, 5 s an iteration) stopped by Ctrl-C at iteration 4: the
