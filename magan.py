@@ -1221,15 +1221,15 @@ class Progress:
     def __init__(self, cfg: Config, start: int, length: RunLength, folder: RunFolder,
                  data: UnpairedImages, autocast):
         self.cfg, self.start, self.length, self.folder = cfg, start, length, folder
-        self.rows = read_log(folder.path / "log.csv", start)
+        self.rows, self.reported = read_log(folder.path / "log.csv", start), set()
         # Durations from the monotonic clock: the wall clock can jump (a time server's correction,
         # a laptop woken from sleep) and would make a speed negative or an ETA absurd.
-        self.began = self.last_time = time.monotonic()
-        self.last_iteration, self.speed, self.reported = start, 0.0, set()
+        self.last_time, self.last_iteration, self.speed = time.monotonic(), start, 0.0
         left, device = length.deadline - time.monotonic(), length.processes.device
-        within = f" within {format_seconds(left)}" if math.isfinite(left) else ""
+        goal = (f"within {format_seconds(left)}, to iteration {cfg.iters} at most"
+                if math.isfinite(left) else f"to iteration {cfg.iters}")
         precision = "bf16" if isinstance(autocast, torch.autocast) else "fp32"
-        self.say(f"{'resumed: ' if start else ''}training to iteration {cfg.iters}{within} on "
+        self.say(f"{'resumed: ' if start else ''}training {goal} on "
                  f"{device} ({precision}), {len(data.files[0])} + {len(data.files[1])} images; "
                  f"watch {folder.path / 'index.html'}")
 
@@ -1251,7 +1251,7 @@ class Progress:
         self.speed = (iteration - self.last_iteration) / max(seconds, 1e-9)
         self.last_iteration = iteration
         if log:
-            self.rows.append(dict(iteration=iteration, elapsed_s=round(now - self.began, 2),
+            self.rows.append(dict(iteration=iteration, elapsed_s=round(self.length.seconds_used()),
                                   it_per_s=round(self.speed, 4), lr=lr, **values))
             # The whole file, rewritten atomically (8.5), rather than a row appended: an append
             # cut short by a crash or a full disk would leave a broken last row.

@@ -860,6 +860,9 @@ def test_a_budget_run_stopped_resumes_with_the_time_left(tmp_path, monkeypatch, 
     assert magan.main(["train", "--out", str(run), "--resume"]) == 0
     assert checkpoint_of(run)["iteration"] == checkpoint_of(run)["config"]["iters"] == 20
     assert "within 0h01m30s" in capsys.readouterr().out  # 125 s, less the second start-up
+    rows = list(csv.DictReader(open(run / "log.csv")))  # the run's time, across its two sessions
+    assert [(row["iteration"], float(row["elapsed_s"])) for row in (rows[0], rows[-1])] == [
+        ("2", 35 + 2 * 5), ("20", 55 + 35 + 16 * 5)]
 
 def test_a_budget_used_up_asks_for_more_minutes_and_a_new_total_goes_on(tmp_path, monkeypatch,
                                                                           capsys):
