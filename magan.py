@@ -772,7 +772,7 @@ def train(cfg: Config, checkpoint: dict | None = None) -> Path:
 # Its checkpoint holds what an exact resume needs: the six networks (spectral norm's power-
 # iteration vectors included), both optimizers' moments (Adam without them takes large first
 # steps again and can undo days of training), the iteration (which fixes the learning rate and,
-# with the seed, the next images: 8.2), the config, and the time a --minutes run has used. It is
+# with the seed, the next images: 8.2), the config, and the time the run has used (8.4). It is
 # loaded as untrusted input: weights only, never code, and its config checked like flags.
 
 CHECKPOINT_FORMAT = "magan-checkpoint-v3"
@@ -1134,7 +1134,7 @@ class RunLength:
         return format_seconds(max(0.0, seconds)) if math.isfinite(seconds) else "--"
 
     def seconds_used(self) -> float:
-        """For the checkpoint: the run's time so far, start-up and earlier sessions included."""
+        """The run's time so far, start-up and earlier sessions included (checkpoint, log.csv)."""
         return time.monotonic() - self.began
 
 # --- 8.5 The run folder on disk -------------------------------------------------------------------
