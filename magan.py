@@ -1520,9 +1520,9 @@ FID_INCEPTION_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/
                      "pt_inception-2015-12-05-6726825d.pth")
 
 class TFPooling:
-    """Mixed into a torchvision Inception block: its last branch, the pooling one, pools as the TF
-    graph does. torchvision's branches run as they are; only the pooling branch is run again on
-    the TF graph's pool (a 1x1 conv: the cost is small, and the code is torchvision's)."""
+    """Listed before a torchvision Inception block among a class's bases (so that super() is the
+    block): the block's branches run as torchvision wrote them, then its last, the pooling branch
+    (a 1x1 conv, cheap), runs again on the TF graph's pool."""
     max_pool = False  # True in Mixed_7c
 
     def _forward(self, x):
