@@ -1117,7 +1117,7 @@ class RunLength:
         now = time.monotonic()
         self.first = self.first or (iteration, now)
         done = iteration - self.first[0]
-        if self.deadline < math.inf and done == self.WARMUP and 2 * iteration <= self.cfg.iters:
+        if self.deadline < math.inf and done == self.WARMUP:
             fits = iteration + int(0.9 * (self.deadline - now) / ((now - self.first[1]) / done))
             fits = min(self.cfg.iters, max(2 * iteration, fits))
             self.cfg.iters = int(self.processes.reduce(fits, "min"))
